@@ -1,0 +1,68 @@
+"""Cross-entropy fused with the output projection, computed in row chunks.
+
+For a 50k vocabulary the logits dwarf every other activation: batch 16 x 1024 tokens is 3.3 GB in
+fp32, and autograd would keep them (and their gradient) alive. Here each chunk of rows is projected,
+its loss and its gradients are computed at once, and the chunk's logits are dropped: peak memory is
+one chunk, and backward is two multiplications by a scalar.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 25  # ~32M logits (128 MB in fp32) per chunk
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size, ignore_index, need_grad):  # type: ignore[override]
+        n_rows = hidden.shape[0]
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = _chunk_rows(weight.shape[0])
+        for lo in range(0, n_rows, step):
+            h = hidden[lo : lo + step]
+            logits = (h @ weight.t()).float()[:, :vocab_size]
+            lse = torch.logsumexp(logits, dim=-1)
+            t = safe_targets[lo : lo + step]
+            v = valid[lo : lo + step]
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            loss_sum += torch.where(v, lse - target_logit, torch.zeros_like(lse)).sum()
+            if need_grad:
+                # d(mean loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, zero elsewhere
+                grad_logits = torch.exp(logits - lse[:, None])
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_logits *= (v.float() / n_valid)[:, None]
+                g = grad_logits.to(h.dtype) if h.dtype != torch.float32 else grad_logits
+                w = weight[:vocab_size]
+                grad_hidden[lo : lo + step] = (g @ w.to(g.dtype)).to(hidden.dtype)
+                grad_weight[:vocab_size] += (g.t() @ h.to(g.dtype)).float()
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100
+) -> torch.Tensor:
+    """mean over non-ignored rows of cross_entropy(hidden @ weight[:vocab_size].T, targets).
+
+    `hidden` is (N, d), `weight` is (padded_vocab, d); rows of the weight past `vocab_size` are padding
+    and take no part. Equals `F.cross_entropy` on the full logits within floating-point tolerance.
+    """
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, need_grad)

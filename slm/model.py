@@ -1,0 +1,344 @@
+"""The Gemma 3 decoder, from scratch: RMSNorm, rotary embedding, attention, GeGLU MLP, block, model.
+
+Parameter names follow transformers' Gemma 3 state dict (`embed_tokens`, `q_proj`, `q_norm`,
+`input_layernorm`, ...) so that conversion is a rename table. The semantics are those of
+`transformers.models.gemma3.modeling_gemma3`, checked by the parity tests; see `../shared/GUIDE.md` §3.
+
+Three ways through the model share one set of modules:
+- `model(input_ids)` / `model.loss(...)`: the full sequence, attention through SDPA (training, scoring);
+- `model(input_ids, cache=cache)`: incremental decoding through a preallocated `KVCache`;
+- `model.trace(input_ids)`: also returns every layer's hidden state and attention probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GLOBAL, SLIDING, ModelConfig
+from .kv_cache import KVCache, LayerKVCache, sliding_causal_mask
+from .losses import linear_cross_entropy
+
+VOCAB_MULTIPLE = 64  # the embedding is padded to this many rows: aligned matmuls, hidden from users
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in fp32, scaled by (1 + weight) so that zero-initialised weights are identity."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inverse_frequencies(head_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """fp32 inverse frequencies, computed exactly as the reference does."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, head_dim) in fp32 for the half-split rotary convention."""
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys; done in fp32 and cast back."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with QK-norm, rotary embedding, and an optional sliding window."""
+
+    def __init__(self, config: ModelConfig, layer_type: str) -> None:
+        super().__init__()
+        d, h = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+        self.window: int | None = config.sliding_window if layer_type == SLIDING else None
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(d, config.num_heads * h, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * h, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * h, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * h, d, bias=False)
+        self.q_norm = RMSNorm(h, config.rms_norm_eps)
+        self.k_norm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        start: int = 0,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is not None:
+            k, v, mask = cache.update(k, v, start)
+            is_causal = False
+        elif self.window is not None and self.window < T:
+            mask, is_causal = sliding_causal_mask(T, self.window, x.device), False
+        else:
+            mask, is_causal = None, True  # the window cannot bind: plain causal attention
+
+        if return_weights:
+            if is_causal:
+                mask = sliding_causal_mask(T, None, x.device)
+            out, weights = self._explicit_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            weights = None
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out), weights
+
+    def _explicit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention written out, returning the fp32 probabilities (B, H, Tq, Tk) for inspection."""
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs.to(v.dtype), v), probs
+
+
+class MLP(nn.Module):
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One block with Gemma's sandwich norms around both attention and MLP."""
+
+    def __init__(self, config: ModelConfig, layer_type: str) -> None:
+        super().__init__()
+        self.layer_type = layer_type
+        self.self_attn = Attention(config, layer_type)
+        self.mlp = MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        start: int = 0,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, return_weights)
+        x = x + self.post_attention_layernorm(attn)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, weights
+
+
+@dataclass
+class Trace:
+    """Everything inspection needs from one forward pass."""
+
+    logits: torch.Tensor  # (B, T, vocab)
+    hidden_states: list[torch.Tensor]  # the residual stream entering each layer, then the last layer's output
+    attentions: list[torch.Tensor]  # per layer, fp32 probabilities (B, heads, T, T)
+
+
+class Gemma3LM(nn.Module):
+    """The Gemma 3 decoder-only language model with (by default) tied input and output embeddings."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        self.embed_tokens = nn.Embedding(self.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None if config.tie_embeddings
+            else nn.Linear(config.hidden_size, self.padded_vocab_size, bias=False)
+        )
+        self._inv_freq: dict[tuple[str, torch.device], torch.Tensor] = {}  # fp32, kept out of .to(dtype)
+        self.reset_parameters()
+
+    # ----- set-up -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for matrices and embeddings, zeros for norm weights and padding rows."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.zeros_(module.weight)
+        self.embed_tokens.weight[self.config.vocab_size :].zero_()
+        if self.lm_head is not None:
+            self.lm_head.weight[self.config.vocab_size :].zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """A preallocated KV cache for `max_length` positions (default: the config's context length)."""
+        return KVCache(
+            self.config, batch_size, max_length or self.config.context_length, self.device, self.dtype
+        )
+
+    # ----- pieces -------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings scaled by sqrt(hidden), the factor cast to the weight dtype first (25.25 in bf16)."""
+        weight = self.embed_tokens.weight
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device)
+        return self.embed_tokens(input_ids) * scale
+
+    def rotary_tables(self, start: int, length: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+        """cos/sin for positions start..start+length-1, per layer type (local and global bases differ)."""
+        positions = torch.arange(start, start + length, device=device)
+        tables = {}
+        for layer_type, base in ((SLIDING, self.config.rope_local_base), (GLOBAL, self.config.rope_global_base)):
+            key = (layer_type, device)
+            if key not in self._inv_freq:
+                self._inv_freq[key] = rope_inverse_frequencies(self.config.head_dim, base, device)
+            tables[layer_type] = rope_cos_sin(positions, self._inv_freq[key])
+        return tables
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project normalised hidden states onto the vocabulary (padding rows dropped)."""
+        return F.linear(hidden, self.head_weight)[..., : self.config.vocab_size]
+
+    def _run_layers(
+        self, input_ids: torch.Tensor, cache: KVCache | None, return_trace: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_room(T)
+        x = self.embed(input_ids)
+        tables = self.rotary_tables(start, T, x.device)
+        hidden_states, attentions = [], []
+        for i, layer in enumerate(self.layers):
+            if return_trace:
+                hidden_states.append(x)
+            cos, sin = tables[layer.layer_type]
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, weights = layer(x, cos, sin, layer_cache, start, return_trace)
+            if return_trace:
+                attentions.append(weights)
+        if cache is not None:
+            cache.length += T
+        if return_trace:
+            hidden_states.append(x)
+        return self.norm(x), hidden_states, attentions
+
+    # ----- entry points -------------------------------------------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); with a cache, the tokens continue what the cache holds.
+
+        `last_only` returns logits for the last position only (B, 1, vocab): what a prefill needs.
+        """
+        hidden, _, _ = self._run_layers(input_ids, cache, return_trace=False)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.logits(hidden)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist."""
+        hidden, _, _ = self._run_layers(input_ids, None, return_trace=False)
+        return linear_cross_entropy(
+            hidden.flatten(0, 1), self.head_weight, targets.flatten(), self.config.vocab_size, ignore_index
+        )
+
+    @torch.no_grad()
+    def trace(self, input_ids: torch.Tensor) -> Trace:
+        """A full forward pass that keeps every layer's hidden state and attention probabilities."""
+        hidden, hidden_states, attentions = self._run_layers(input_ids, None, return_trace=True)
+        return Trace(logits=self.logits(hidden), hidden_states=hidden_states, attentions=attentions)
+
+    # ----- weights without the vocabulary padding -----------------------------------------------
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with the padding rows removed: what checkpoints and conversion store."""
+        vocab = self.config.vocab_size
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name in ("embed_tokens.weight", "lm_head.weight"):
+                tensor = tensor[:vocab]
+            state[name] = tensor.detach()
+        return state
+
+    @torch.no_grad()
+    def load_export_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `export_state_dict` (strict: every name and shape must match)."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        vocab = self.config.vocab_size
+        for name, target in own.items():
+            source = state[name]
+            view = target[:vocab] if name in ("embed_tokens.weight", "lm_head.weight") else target
+            if tuple(source.shape) != tuple(view.shape):
+                raise ValueError(
+                    f"{name}: checkpoint has shape {tuple(source.shape)}, model expects {tuple(view.shape)}"
+                )
+            view.copy_(source)
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                seed: int | None = None) -> Gemma3LM:
+    """A freshly initialised model (reproducible when `seed` is given)."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Gemma3LM(config)
+    else:
+        model = Gemma3LM(config)
+    return model.to(device=device, dtype=dtype)
