@@ -6,6 +6,7 @@ the same with no window.
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache, lru_cache
 
 import torch
@@ -37,6 +38,12 @@ def flex_attention_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@cache
+def gpu_compiler_available() -> bool:
+    """torch.compile needs Triton to generate GPU kernels; without it the compiled GPU paths stay off."""
+    return importlib.util.find_spec("triton") is not None
 
 
 @cache

@@ -22,7 +22,13 @@ from torch import nn
 from .config import GLOBAL, SLIDING, ModelConfig
 from .kv_cache import KVCache, LayerKVCache
 from .losses import linear_cross_entropy
-from .masks import compiled_flex_attention, flex_attention_available, sliding_block_mask, sliding_causal_mask
+from .masks import (
+    compiled_flex_attention,
+    flex_attention_available,
+    gpu_compiler_available,
+    sliding_block_mask,
+    sliding_causal_mask,
+)
 
 VOCAB_MULTIPLE = 64  # the embedding is padded to this many rows: aligned matmuls, hidden from users
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
@@ -156,7 +162,7 @@ class Attention(nn.Module):
         """FlexAttention skips the blocks outside the window; "auto" takes it on CUDA, where it is compiled."""
         if self.backend == "flex":
             return True
-        return self.backend == "auto" and x.is_cuda and flex_attention_available()
+        return self.backend == "auto" and x.is_cuda and flex_attention_available() and gpu_compiler_available()
 
     def _explicit_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

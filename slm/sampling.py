@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from .masks import gpu_compiler_available
 from .model import Gemma3LM
 
 
@@ -94,7 +95,9 @@ class Decoder:
 
     def __init__(self, model: Gemma3LM, batch_size: int, max_length: int, compiled: bool | None = None) -> None:
         self.model = model
-        self.compiled = model.device.type == "cuda" if compiled is None else compiled
+        if compiled is None:
+            compiled = model.device.type == "cuda" and gpu_compiler_available()
+        self.compiled = compiled
         if self.compiled:
             max_length = math.ceil(max_length / CACHE_BUCKET) * CACHE_BUCKET
         self.cache = model.new_cache(batch_size, max_length)
