@@ -160,16 +160,20 @@ def stream_generate(
     stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=torch.long, device=model.device)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
     decoder = Decoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compiled)
-    with torch.inference_mode():
+    # Grad mode is thread-local and a generator may be resumed on another thread (a web server does
+    # this), or interleaved with another one, so no context stays open across a `yield`.
+    with torch.no_grad():
         logits = decoder.prefill(ids)
-        for step in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        with torch.no_grad():
             token = sample_next(logits, temperature, top_k, top_p, generator)
-            yield token if batched else int(token[0])
-            if stops.numel():
-                finished |= torch.isin(token, stops)
-                if bool(finished.all()):
-                    return
-            if step + 1 < max_new_tokens:
+        yield token if batched else int(token[0])
+        if stops.numel():
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()):
+                return
+        if step + 1 < max_new_tokens:
+            with torch.no_grad():
                 logits = decoder.step(token)
 
 

@@ -103,3 +103,23 @@ def test_meaningless_sampling_values_are_refused(model, kwargs, message):
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ValueError, match="at least one token"):
         slm.generate(model, [], max_new_tokens=3)
+
+
+def test_generators_can_be_interleaved_and_resumed_on_other_threads(model):
+    """A web server resumes a streaming generator on whatever worker thread is free."""
+    import threading
+
+    greedy = slm.stream_generate(model, [4, 2], max_new_tokens=10, temperature=0)
+    sampled = slm.stream_generate(model, [4, 2], max_new_tokens=10, temperature=1.0, seed=1)
+    got: dict[str, list[int]] = {"greedy": [], "sampled": []}
+
+    def advance() -> None:
+        got["greedy"].append(next(greedy))
+        got["sampled"].append(next(sampled))
+
+    for _ in range(10):
+        worker = threading.Thread(target=advance)
+        worker.start()
+        worker.join()
+    assert got["greedy"] == slm.generate(model, [4, 2], max_new_tokens=10, temperature=0)
+    assert got["sampled"] == slm.generate(model, [4, 2], max_new_tokens=10, temperature=1.0, seed=1)
