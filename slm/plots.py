@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from .inspection import LensRow, NextTokenView, SamplingView
 
@@ -68,10 +69,10 @@ def _draw_attention(ax, weights: np.ndarray, window: int | None, norm: PowerNorm
     return ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
 
 
-def _attention_title(layer_label: str, window: int | None) -> str:
+def _attention_kind(window: int | None) -> str:
     if window is None:
-        return f"{layer_label}: global attention (sees every earlier token)"
-    return f"{layer_label}: sliding window of {window} tokens (grey: out of reach)"
+        return "global: sees every earlier token"
+    return f"sliding window of {window} tokens (grey: out of reach)"
 
 
 def attention_heatmap(
@@ -81,8 +82,7 @@ def attention_heatmap(
     """One head's attention (T, T): rows are the tokens attending (queries), columns the tokens attended to."""
     weights = np.asarray(weights, dtype=np.float32)
     length = weights.shape[0]
-    size = 9 if length > 12 else 7
-    fig = _figure(size + 1.5, size)
+    fig = _figure(7.5, 7.2)
     ax = fig.add_subplot()
     image = _draw_attention(ax, weights, window, PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0))
     ticks = _tick_positions(length, max_labels)
@@ -91,7 +91,7 @@ def attention_heatmap(
     ax.set_yticks(ticks, labels, fontsize=SMALL)
     ax.set_xlabel("attended-to token (key)", fontsize=FONT)
     ax.set_ylabel("attending token (query)", fontsize=FONT)
-    ax.set_title(f"{_attention_title(layer_label, window)}\nhead {head}", fontsize=FONT)
+    ax.set_title(f"{layer_label}, head {head}\n{_attention_kind(window)}", fontsize=FONT)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("attention weight", fontsize=FONT)
     bar.ax.tick_params(labelsize=SMALL)
@@ -104,9 +104,9 @@ def attention_grid(
     """Every head of one layer side by side (maps: (heads, T, T)), on one shared colour scale."""
     maps = np.asarray(maps, dtype=np.float32)
     heads, length = maps.shape[0], maps.shape[1]
-    cols = min(heads, 4)
+    cols = min(heads, 2) if heads <= 4 else 4
     rows = int(np.ceil(heads / cols))
-    fig = _figure(4.2 * cols + 1.2, 4.2 * rows + 1.0)
+    fig = _figure(7.5, 3.4 * rows + 1.4)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     ticks = _tick_positions(length, max_labels)
@@ -120,20 +120,25 @@ def attention_grid(
         ax.set_title(f"head {h}", fontsize=FONT)
         ax.set_xticks(ticks, labels, rotation=90, fontsize=9)
         ax.set_yticks(ticks, labels if h % cols == 0 else [], fontsize=9)
-    fig.suptitle(_attention_title(layer_label, window), fontsize=FONT)
+    fig.suptitle(f"{layer_label}: all {heads} heads\n{_attention_kind(window)}", fontsize=FONT)
     if image is not None:
         bar = fig.colorbar(image, ax=list(axes), shrink=0.7)
         bar.set_label("attention weight", fontsize=SMALL)
     return fig
 
 
-def _bars(ax, labels: Sequence[str], values: Sequence[float], color: str, cut: Sequence[bool] | None = None) -> None:
+def _bars(
+    ax, labels: Sequence[str], values: Sequence[float], color: str, cut: Sequence[bool] | None = None,
+    xmax: float | None = None,
+) -> None:
+    """Horizontal bars, most likely at the top, each labelled with its percentage."""
     y = np.arange(len(labels))
     colors = [UNREACHABLE if cut and cut[i] else color for i in range(len(labels))]
     ax.barh(y, values, color=colors)
     ax.set_yticks(y, [visible(t) for t in labels], fontsize=FONT)
-    ax.invert_yaxis()  # most likely at the top
-    ax.set_xlim(0, 1.18 * max(max(values, default=0.0), 1e-6))
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # most likely at the top
+    ax.set_xlim(0, 1.25 * (xmax or max(max(values, default=0.0), 1e-6)))
+    ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=None))
     ax.tick_params(axis="x", labelsize=SMALL)
     for i, v in enumerate(values):
         text = "cut" if cut and cut[i] else percent(v)
@@ -143,7 +148,7 @@ def _bars(ax, labels: Sequence[str], values: Sequence[float], color: str, cut: S
 
 def next_token_bars(view: NextTokenView, after_token: str) -> Figure:
     """The top next-token candidates after one position, with the distribution's entropy."""
-    fig = _figure(9, 0.45 * len(view.candidates) + 1.8)
+    fig = _figure(7.5, 0.42 * len(view.candidates) + 1.9)
     ax = fig.add_subplot()
     _bars(ax, [c.text for c in view.candidates], [c.probability for c in view.candidates], "#3b75af")
     ax.set_xlabel("probability", fontsize=FONT)
@@ -171,12 +176,15 @@ def sampling_bars(view: SamplingView) -> Figure:
     """The model's next-token distribution beside the one the sampler draws from."""
     labels = [c.text for c in view.candidates]
     fig = _figure(13, 0.45 * len(labels) + 2.2)
-    left, right = fig.subplots(1, 2, sharey=True)
-    _bars(left, labels, [c.probability for c in view.candidates], "#3b75af")
+    left, right = fig.subplots(1, 2)
+    before = [c.probability for c in view.candidates]
+    after = [c.sampling_probability for c in view.candidates]
+    xmax = max([*before, *after, 1e-6])  # one scale, so sharpening by temperature or filtering shows as growth
+    _bars(left, labels, before, "#3b75af", xmax=xmax)
     left.set_title(f"model (temperature 1)\nentropy {view.entropy:.2f} nats", fontsize=FONT)
     left.set_xlabel("probability", fontsize=FONT)
     cut = [c.sampling_probability == 0 for c in view.candidates]
-    _bars(right, labels, [c.sampling_probability for c in view.candidates], "#d9822b", cut)
+    _bars(right, labels, after, "#d9822b", cut, xmax=xmax)
     right.set_title(
         f"sampler: {describe_settings(view.temperature, view.top_k, view.top_p)}\n"
         f"{view.tokens_kept:,} tokens can still be drawn, entropy {view.sampling_entropy:.2f} nats",
@@ -192,7 +200,7 @@ def logit_lens_figure(rows: Sequence[LensRow], position: int, token: str) -> Fig
     depth_count = len(rows)
     k = max(len(r.candidates) for r in rows)
     probs = np.array([[c.probability for c in r.candidates] + [0.0] * (k - len(r.candidates)) for r in rows])
-    fig = _figure(3.0 * k + 3.2, 0.55 * depth_count + 1.6)
+    fig = _figure(7.5, 0.5 * depth_count + 1.4)
     ax = fig.add_subplot()
     ax.imshow(probs, cmap=CMAP, vmin=0.0, vmax=1.0, aspect="auto")
     for d, row in enumerate(rows):
@@ -207,8 +215,6 @@ def logit_lens_figure(rows: Sequence[LensRow], position: int, token: str) -> Fig
     ax.set_yticks(range(depth_count), labels, fontsize=SMALL)
     ax.set_xticks(range(k), [f"#{j + 1}" for j in range(k)], fontsize=SMALL)
     ax.xaxis.set_ticks_position("top")
-    ax.set_title(
-        f"logit lens after “{visible(token)}” (position {position}): the prediction read out at each depth",
-        fontsize=FONT,
-    )
+    ax.set_title(f"logit lens after “{visible(token)}” (position {position})\nthe prediction read out at each depth",
+                 fontsize=FONT)
     return fig

@@ -125,7 +125,7 @@ def test_step_by_step(client, model):
     second = int(torch.topk(logits, 2).indices[1])
     story, _, _, info = client.predict(PROMPT, 1.0, 0, 1.0, str(second), api_name="/step_pick")
     assert story[-1] == {"token": tokenizer.token_strings([second])[0], "class_or_confidence": "chosen by you"}
-    assert info.startswith("1 tokens added")
+    assert info.startswith("1 token added")
     story, _, _, info = client.predict(PROMPT, 0.0, 0, 1.0, 0, api_name="/step_sample")  # temperature 0: greedy
     with torch.no_grad():
         greedy = int(model(torch.tensor([[*ids, second]]))[0, -1].argmax())
@@ -199,6 +199,9 @@ def test_awkward_prompts(client, model):
     expected = [t for t in generate(model, ids, 10, temperature=0, stop_token_ids=[tokenizer.eot_id])
                 if t != tokenizer.eot_id]
     assert text == long_prompt + tokenizer.decode(expected)
+    # prompt and new tokens do not fit together: the prompt keeps half the context, the new tokens get the rest
+    text, stats = client.predict(long_prompt, 60, 0.0, 0, 1.0, 0, api_name="/generate")
+    assert f"prompt {context // 2} tokens" in stats
     # more new tokens than the context holds
     text, stats = client.predict("Hi", 500, 0.0, 0, 1.0, 0, api_name="/generate")
     assert "done" in stats

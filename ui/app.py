@@ -41,8 +41,8 @@ def build_app(settings: AppSettings, manager: Any = None) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 build_generate_tab(picker, tokenizer)
-            with gr.Tab("Step by step", id="step"):
-                build_step_tab(picker, tokenizer)
+            with gr.Tab("Step by step", id="step") as step_tab:
+                build_step_tab(picker, tokenizer, step_tab)
             with gr.Tab("Inspect", id="inspect"):
                 build_inspect_tab(picker, tokenizer)
             with gr.Tab("Train", id="train"):

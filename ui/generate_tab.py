@@ -55,17 +55,19 @@ def prepare_prompt(
 ) -> tuple[list[int], int, int]:
     """Prompt ids, the number of new tokens and the number of prompt tokens dropped, fitted into the context.
 
-    An empty prompt starts a story from the end-of-text token; a prompt that leaves no room for the
-    new tokens keeps its last tokens.
+    Prompt and new tokens must fit into the context together. The prompt keeps up to half of it
+    (its last tokens) and the new tokens get the rest, fewer than asked only when both do not fit.
+    An empty prompt starts a story from the end-of-text token.
     """
     context = model.config.context_length
-    if max_new_tokens >= context:
-        gr.Warning(f"This model's context holds {context} tokens: generating {context - 1} new tokens at most.")
-        max_new_tokens = context - 1
     ids = tokenizer.encode(prompt or "")
     if not ids:
         gr.Warning("The prompt is empty: the model starts a story from scratch (from the end-of-text token).")
         ids = [tokenizer.eot_id]
+    room = context - min(len(ids), context // 2)
+    if max_new_tokens > room:
+        gr.Warning(f"This model's context holds {context} tokens: generating {room} new tokens, not {max_new_tokens}.")
+        max_new_tokens = room
     ids, dropped = fit_to_length(ids, context - max_new_tokens)
     if dropped:
         gr.Warning(

@@ -30,7 +30,7 @@ def new_story(tokenizer: Tokenizer, prompt: str) -> dict:
     return {"prompt": prompt, "ids": ids, "kinds": [None] * len(ids)}
 
 
-def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
+def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> None:
     registry = picker.registry
     gr.Markdown(
         "Build a text one token at a time. Left: the model's probabilities for the next token. Right: what the "
@@ -73,7 +73,8 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
             for c in step_view.candidates
         ]
         generated = sum(k is not None for k in story_state["kinds"])
-        text = f"{generated} tokens added · {step_view.tokens_kept:,} tokens could be drawn next"
+        text = (f"{generated} token{'' if generated == 1 else 's'} added · "
+                f"{step_view.tokens_kept:,} tokens could be drawn next")
         return story_state, segments, sampling_bars(step_view), gr.Radio(choices=choices, value=None), text
 
     def append(story_state: dict, token_id: int, kind: str) -> dict:
@@ -129,6 +130,8 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
     pick.click(pick_one, [prompt_box, *settings_inputs, choice_radio, state, picker.state], outputs,
                api_name="step_pick")
     undo.click(undo_one, [prompt_box, *settings_inputs, state, picker.state], outputs, api_name="step_undo")
+    # opening the tab shows the distribution straight away (and keeps a story already begun)
+    tab.select(refresh, [prompt_box, *settings_inputs, state, picker.state], outputs, api_visibility="private")
     for slider in settings_inputs:
         slider.release(refresh, [prompt_box, *settings_inputs, state, picker.state], outputs,
                        api_visibility="private")
