@@ -1,21 +1,24 @@
-"""matplotlib figures drawn from `slm.inspection` data, sized to be read on a projector.
+"""matplotlib figures drawn from plain data: metrics records (loss curves) and `slm.inspection`
+results (probabilities, attention maps, logit lens), sized to be read on a projector.
 
-Figures are built with the object-oriented API (`Figure` + the Agg canvas), never through pyplot:
-pyplot keeps a global registry of open figures that is not thread-safe and leaks unless every
-figure is closed, while these are plain objects that the garbage collector frees once the caller
-(for example a `gr.Plot`) has rendered them.
+Figures are built with `matplotlib.figure.Figure` and the Agg canvas, never through pyplot: pyplot
+keeps a global registry of open figures that is not thread-safe and leaks unless every figure is
+closed, while these are plain objects that the garbage collector frees once the caller (a web
+server's `gr.Plot`, a file writer) drops them; `plt.close(fig)` is harmless but not needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import EngFormatter, PercentFormatter, ScalarFormatter
 
 from .inspection import LensRow, NextTokenView, SamplingView
 
@@ -25,12 +28,72 @@ UNREACHABLE = "#d9d9d9"  # attention cells a query cannot see (future, or outsid
 CMAP = "Blues"
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
+def loss_curves(metrics: Iterable[dict[str, Any]], x: str = "tokens") -> dict[str, tuple[list[float], list[float]]]:
+    """(x values, losses) of the train and validation curves from metrics records."""
+    curves: dict[str, tuple[list[float], list[float]]] = {"train": ([], []), "val": ([], [])}
+    for record in metrics:
+        if record.get("kind", "train") != "train" or x not in record:
+            continue
+        for name in ("train", "val"):
+            value = record.get(f"{name}_loss")
+            if value is not None:
+                curves[name][0].append(record[x])
+                curves[name][1].append(value)
+    return curves
+
+
+def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str | None = None) -> Figure:
+    """Train and validation loss against tokens seen (or `x="step"`), log-scaled loss axis."""
+    if x not in ("tokens", "step"):
+        raise ValueError(f"x must be 'tokens' or 'step', got {x!r}")
+    curves = loss_curves(metrics, x)
+    figure = _new_figure(7.0, 4.0)
+    axes = figure.add_subplot()
+    train_x, train_y = curves["train"]
+    val_x, val_y = curves["val"]
+    if not train_y and not val_y:
+        axes.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return figure
+    if train_y:
+        axes.plot(train_x, train_y, color="tab:blue", linewidth=1.2, label="train")
+    if val_y:
+        axes.plot(val_x, val_y, color="tab:orange", marker="o", markersize=3, linewidth=1.5, label="validation")
+        best = min(range(len(val_y)), key=val_y.__getitem__)
+        axes.annotate(f"{val_y[best]:.3f}", (val_x[best], val_y[best]), textcoords="offset points",
+                      xytext=(0, -12), ha="center", fontsize=8, color="tab:orange")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(ScalarFormatter())
+    axes.yaxis.set_minor_formatter(ScalarFormatter())
+    axes.tick_params(axis="y", which="minor", labelsize=7)
+    if x == "tokens":
+        axes.xaxis.set_major_formatter(EngFormatter())
+    axes.set_xlabel("tokens seen" if x == "tokens" else "optimizer step")
+    axes.set_ylabel("cross-entropy loss (nats)")
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend()
+    if title:
+        axes.set_title(title)
+    return figure
+
+
+def save_loss_plot(metrics: Iterable[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Write the loss figure to a PNG (through a temporary file, so a reader never sees half an image)."""
+    path = Path(path)
+    figure = loss_figure(metrics, title=title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
+# ----- inspection figures -----------------------------------------------------------------------
 def visible(token: str) -> str:
     """A token as a label: spaces, newlines and tabs made visible; `$` escaped so matplotlib shows it as is."""
     return token.replace("\\", "\\\\").replace("$", r"\$").replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
@@ -82,7 +145,7 @@ def attention_heatmap(
     """One head's attention (T, T): rows are the tokens attending (queries), columns the tokens attended to."""
     weights = np.asarray(weights, dtype=np.float32)
     length = weights.shape[0]
-    fig = _figure(7.5, 7.2)
+    fig = _new_figure(7.5, 7.2)
     ax = fig.add_subplot()
     image = _draw_attention(ax, weights, window, PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0))
     ticks = _tick_positions(length, max_labels)
@@ -106,7 +169,7 @@ def attention_grid(
     heads, length = maps.shape[0], maps.shape[1]
     cols = min(heads, 2) if heads <= 4 else 4
     rows = int(np.ceil(heads / cols))
-    fig = _figure(7.5, 3.4 * rows + 1.4)
+    fig = _new_figure(7.5, 3.4 * rows + 1.4)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     ticks = _tick_positions(length, max_labels)
@@ -148,7 +211,7 @@ def _bars(
 
 def next_token_bars(view: NextTokenView, after_token: str) -> Figure:
     """The top next-token candidates after one position, with the distribution's entropy."""
-    fig = _figure(7.5, 0.42 * len(view.candidates) + 1.9)
+    fig = _new_figure(7.5, 0.42 * len(view.candidates) + 1.9)
     ax = fig.add_subplot()
     _bars(ax, [c.text for c in view.candidates], [c.probability for c in view.candidates], "#3b75af")
     ax.set_xlabel("probability", fontsize=FONT)
@@ -175,7 +238,7 @@ def describe_settings(temperature: float, top_k: int | None, top_p: float | None
 def sampling_bars(view: SamplingView) -> Figure:
     """The model's next-token distribution beside the one the sampler draws from."""
     labels = [c.text for c in view.candidates]
-    fig = _figure(13, 0.45 * len(labels) + 2.2)
+    fig = _new_figure(13, 0.45 * len(labels) + 2.2)
     left, right = fig.subplots(1, 2)
     before = [c.probability for c in view.candidates]
     after = [c.sampling_probability for c in view.candidates]
@@ -200,7 +263,7 @@ def logit_lens_figure(rows: Sequence[LensRow], position: int, token: str) -> Fig
     depth_count = len(rows)
     k = max(len(r.candidates) for r in rows)
     probs = np.array([[c.probability for c in r.candidates] + [0.0] * (k - len(r.candidates)) for r in rows])
-    fig = _figure(7.5, 0.5 * depth_count + 1.4)
+    fig = _new_figure(7.5, 0.5 * depth_count + 1.4)
     ax = fig.add_subplot()
     ax.imshow(probs, cmap=CMAP, vmin=0.0, vmax=1.0, aspect="auto")
     for d, row in enumerate(rows):
