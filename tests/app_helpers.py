@@ -49,17 +49,26 @@ def write_stories(path: Path, count: int = 300, seed: int = 0) -> Path:
 
 @contextmanager
 def running_app(checkpoints_dir: Path, data_dir: Path):
-    """The app with its real TrainingManager, served on a free port; yields (url, demo)."""
+    """The app with its real TrainingManager, served on a free port; yields (url, manager).
+
+    On exit a training job still running is stopped and waited for, so no test leaves a process behind.
+    """
+    from slm.jobs import TrainingManager
     from ui import build_app, launch_options
     from ui.common import AppSettings
 
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     settings = AppSettings(checkpoints_dir.resolve(), data_dir.resolve(), torch.device("cpu"), torch.float32)
-    demo = build_app(settings)
+    manager = TrainingManager(runs_root=settings.checkpoints_dir)
+    demo = build_app(settings, manager)
     demo.queue(default_concurrency_limit=2)
     _, url, _ = demo.launch(
         prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
     )
     try:
-        yield url, demo
+        yield url, manager
     finally:
+        if manager.stop():
+            manager.wait(timeout=60)
         demo.close()

@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from app_helpers import CHECKPOINT_KEY, make_checkpoint, running_app
+from app_helpers import CHECKPOINT_KEY, make_checkpoint, running_app, write_stories
 from conftest import small_config
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from slm import count_parameters, generate, load_model, load_tokenizer
 from ui.models import UNTRAINED
+from ui.train_tab import FILE_SOURCE
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -26,7 +29,7 @@ def app(tmp_path_factory):
     checkpoints, data = root / "checkpoints", root / "data"
     make_checkpoint(checkpoints, small_config())
     data.mkdir()
-    with running_app(checkpoints, data) as (url, _demo):
+    with running_app(checkpoints, data) as (url, _manager):
         yield {"url": url, "checkpoints": checkpoints, "data": data, "root": root}
 
 
@@ -242,3 +245,79 @@ def test_missing_and_corrupt_checkpoints(app, client):
     text, _ = client.predict(PROMPT, 3, 0.0, 0, 1.0, 0, api_name="/generate")
     assert text.startswith(PROMPT)
     assert math.isfinite(client.predict(PROMPT, 3, api_name="/inspect")[1]["entropy"][0])
+
+
+# ----- training through the API -------------------------------------------------------------------
+# A real job: the app's TrainingManager runs `tiny` in a subprocess on synthetic stories, on the CPU.
+ACTIVE = ("preparing", "running", "stopping")
+
+
+@pytest.fixture(scope="module")
+def training_app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training-app")
+    write_stories(root / "data" / "stories.txt")
+    with running_app(root / "checkpoints", root / "data") as (url, manager):
+        yield {"url": url, "root": root, "manager": manager}
+
+
+def start_args(steps: int) -> tuple:
+    # preset, data source, stories, data file, steps, batch size, learning rate, context length
+    return ("tiny", FILE_SOURCE, 0, "stories.txt", steps, 2, 3e-3, 32)
+
+
+def wait_for(client: Client, done, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.predict(api_name="/training_status")
+        if done(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def test_training_runs_to_the_end_and_its_checkpoint_appears(training_app):
+    client = Client(training_app["url"], verbose=False)
+    assert client.predict(api_name="/training_status")["state"] == "idle"
+    assert client.predict(api_name="/stop_training") == "No training run is going."
+    message = client.predict(*start_args(6), api_name="/start_training")
+    assert message.startswith("Started run")
+    with pytest.raises(AppError, match="already going"):  # one job at a time
+        client.predict(*start_args(6), api_name="/start_training")
+    # generating while the job runs works (the untrained model: nothing is saved yet)
+    text, stats = client.predict(PROMPT, 4, 0.0, 0, 1.0, 0, api_name="/generate")
+    assert text.startswith(PROMPT) and "done" in stats
+    status = wait_for(client, lambda s: s["state"] not in ACTIVE)
+    assert status["state"] == "finished", status["message"]
+    assert status["step"] == status["max_steps"] == 6
+    assert status["train_loss"] is not None and status["device"].startswith("CPU")
+    run = Path(status["run_dir"]).name
+    entries = {e["key"]: e for e in client.predict(api_name="/list_checkpoints")}
+    assert f"{run}/latest" in entries
+    assert entries[f"{run}/latest"]["step"] == 6 and entries[f"{run}/latest"]["preset"] == "tiny"
+    client.predict(f"{run}/latest", api_name="/select_model")
+    text, _ = client.predict(PROMPT, 4, 0.0, 0, 1.0, 0, api_name="/generate")
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+
+
+def test_stop_in_the_middle_then_resume(training_app):
+    client = Client(training_app["url"], verbose=False)
+    client.predict(*start_args(100_000), api_name="/start_training")
+    status = wait_for(client, lambda s: (s["state"] == "running" and s["step"] >= 2) or s["state"] == "failed")
+    assert status["state"] == "running", status["message"]
+    assert client.predict(api_name="/stop_training").startswith("Stopping")
+    status = wait_for(client, lambda s: s["state"] not in ACTIVE)
+    assert status["state"] == "stopped", status["message"]
+    assert 2 <= status["step"] < 100_000
+    run = Path(status["run_dir"]).name
+    entries = {e["key"]: e for e in client.predict(api_name="/list_checkpoints")}
+    assert entries[f"{run}/latest"]["step"] == status["step"]  # the stop saved where it stopped
+    # resume to a few steps further
+    target = status["step"] + 3
+    assert "Resumed" in client.predict(run, target, api_name="/resume_training")
+    status = wait_for(client, lambda s: s["state"] not in ACTIVE)
+    assert status["state"] == "finished", status["message"]
+    assert status["step"] == target
+    # refused: a run folder outside the checkpoint folder, a data file outside the data folder
+    with pytest.raises(AppError, match="outside the folders"):
+        client.predict("../../", 5, api_name="/resume_training")
+    with pytest.raises(AppError, match="outside the folders"):
+        client.predict("tiny", FILE_SOURCE, 0, "/etc/passwd", 5, 2, 1e-3, 32, api_name="/start_training")

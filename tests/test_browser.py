@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from app_helpers import make_checkpoint, running_app
+from app_helpers import make_checkpoint, running_app, write_stories
 from conftest import small_config
 
 pytestmark = pytest.mark.browser
@@ -56,8 +56,8 @@ def browser():
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-app")
     make_checkpoint(root / "checkpoints", small_config())
-    (root / "data").mkdir()
-    with running_app(root / "checkpoints", root / "data") as (url, _demo):
+    write_stories(root / "data" / "stories.txt")
+    with running_app(root / "checkpoints", root / "data") as (url, _manager):
         yield {"url": url, "root": root}
 
 
@@ -144,3 +144,35 @@ def test_inspect_in_the_page(page):
     with step(page, "choose-position"):
         page.locator("#inspect-tokens").get_by_text("cat").first.click()
         page.get_by_text(re.compile(r"After \*?\*?' cat'")).first.wait_for()
+
+
+def test_training_in_the_page(page):
+    with step(page, "start"):
+        open_tab(page, "Train")
+        page.get_by_text("A file in the data folder").click()
+        page.locator("#train-data-file input").fill("stories.txt")
+        page.locator("#train-data-file input").press("Enter")
+        for field, value in (("#train-steps", "2000"), ("#train-batch", "2"), ("#train-context", "32")):
+            page.locator(f"{field} input").fill(value)
+        page.click("#train-start")
+        page.locator("#train-message").get_by_text("Started run").wait_for()
+    with step(page, "loss-plot"):
+        status = page.locator("#train-status")
+        status.get_by_text(re.compile(r"running · run tiny-.* step [1-9][\d,]* / 2,000")).wait_for(timeout=180_000)
+        status.get_by_text("train loss").wait_for(timeout=180_000)
+        page.locator("#train-loss img").wait_for(state="visible")
+    with step(page, "second-start-refused"):
+        page.click("#train-start")
+        page.get_by_text("already going").first.wait_for()
+    with step(page, "reload-reattaches"):
+        page.reload()
+        open_tab(page, "Train")
+        page.locator("#train-status").get_by_text(re.compile(r"run tiny-")).wait_for()
+        page.locator("#train-loss img").wait_for(state="visible")
+    with step(page, "stop"):
+        page.click("#train-stop")
+        page.locator("#train-message").get_by_text("Stopping").wait_for()
+        page.locator("#train-status").get_by_text(re.compile(r"stopped · run tiny-")).wait_for(timeout=180_000)
+    with step(page, "new-checkpoint-in-picker"):
+        page.locator("#model-picker input").click()
+        page.get_by_role("option", name=re.compile(r"tiny-[0-9-]+.latest")).first.wait_for()

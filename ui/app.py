@@ -7,12 +7,14 @@ from typing import Any
 import gradio as gr
 
 from slm import load_tokenizer
+from slm.jobs import TrainingManager
 
 from .common import AppSettings
 from .generate_tab import build_generate_tab
 from .inspect_tab import build_inspect_tab
 from .models import ModelPicker, ModelRegistry
 from .step_tab import build_step_tab
+from .train_tab import build_train_tab
 
 TITLE = "slm-playground"
 CSS = """
@@ -29,7 +31,7 @@ def launch_options() -> dict[str, Any]:
     return {"theme": gr.themes.Default(text_size=gr.themes.sizes.text_lg), "css": CSS}
 
 
-def build_app(settings: AppSettings, manager: Any = None) -> gr.Blocks:
+def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> gr.Blocks:
     """The playground. `manager` is the server's one TrainingManager (made here when not given)."""
     tokenizer = load_tokenizer()
     registry = ModelRegistry(settings)
@@ -46,12 +48,7 @@ def build_app(settings: AppSettings, manager: Any = None) -> gr.Blocks:
             with gr.Tab("Inspect", id="inspect"):
                 build_inspect_tab(picker, tokenizer)
             with gr.Tab("Train", id="train"):
-                try:
-                    from .train_tab import build_train_tab
-                except ImportError:
-                    gr.Markdown("The training backend is not available in this build.")
-                else:
-                    build_train_tab(picker, settings, manager)
+                build_train_tab(picker, settings, manager)
         picker.wire()
 
         def start_session():

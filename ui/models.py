@@ -186,7 +186,7 @@ class ModelPicker:
             self.dropdown = gr.Dropdown(
                 choices=[(e.label, e.key) for e in entries], value=entries[0].key, label="Model",
                 info="Checkpoints in the checkpoint folder, newest first (or type a folder path inside it)",
-                allow_custom_value=True, scale=5,
+                allow_custom_value=True, scale=5, elem_id="model-picker",
             )
             self.refresh = gr.Button("↻ Refresh", scale=0, min_width=110)
             self.hub_repo = gr.Textbox(label="…or a Hub repo id (transformers Gemma 3)", placeholder="owner/name",

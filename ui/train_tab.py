@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from slm import PRESETS
+from slm.data import DEFAULT_DATASET
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.plots import loss_figure
 from slm.training import TrainConfig
@@ -43,10 +44,10 @@ def data_files(data_dir: Path) -> list[str]:
 
 
 def resumable_runs(checkpoints_dir: Path) -> list[str]:
-    """Run folders (holding a `latest/` checkpoint) under the checkpoint folder."""
+    """Run folders whose `latest/` checkpoint holds a training state, newest first."""
     if not checkpoints_dir.is_dir():
         return []
-    runs = [p.parent for p in checkpoints_dir.rglob("latest") if (p / "config.json").is_file()]
+    runs = [p.parent.parent for p in checkpoints_dir.rglob("latest/training_state.json")]
     runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [p.relative_to(checkpoints_dir).as_posix() for p in runs]
 
@@ -84,7 +85,7 @@ def status_markdown(s: dict[str, Any]) -> str:
         numbers.append(f"val loss {s['val_loss']:.3f}")
     if s.get("tokens_per_s"):
         numbers.append(f"{s['tokens_per_s']:,.0f} tokens/s")
-    if s.get("mfu") is not None and str(s.get("device", "")).startswith("cuda"):
+    if s.get("mfu") is not None:  # known only on GPUs with a known peak
         numbers.append(f"MFU {100 * s['mfu']:.1f}%")
     numbers.append(f"elapsed {_duration(s.get('elapsed_s'))}")
     if state in ACTIVE:
@@ -111,8 +112,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         with gr.Column():
             preset_box = gr.Dropdown(list(PRESETS), value="tiny", label="Model preset")
             source = gr.Radio([HUB_SOURCE, FILE_SOURCE], value=HUB_SOURCE, label="Training text")
-            stories = gr.Number(20_000, precision=0, minimum=0, label="Stories (0 = all)",
-                                info="how many TinyStories stories to use")
+            stories = gr.Number(20_000, precision=0, minimum=0, label="Stories to use (0 = all)",
+                                elem_id="train-stories")
             files = data_files(data_dir)
             data_file = gr.Dropdown(files, value=files[0] if files else None, allow_custom_value=True,
                                     label=f"Data file (in {data_dir})", elem_id="train-data-file")
@@ -141,25 +142,27 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
     timer = gr.Timer(POLL_SECONDS)
 
-    def data_source(source_: str, stories_, data_file_: str | None) -> tuple[str, int | None]:
+    def data_source(source_: str, data_file_: str | None) -> str:
         if source_ == HUB_SOURCE:
-            count = integer(stories_ if stories_ is not None else 0, "stories", 0)
-            return "roneneldan/TinyStories", count or None
+            return DEFAULT_DATASET
+        if source_ != FILE_SOURCE:
+            raise gr.Error(f"Choose the training text: {HUB_SOURCE!r} or {FILE_SOURCE!r}.")
         if not data_file_:
             raise gr.Error(f"Choose a data file (or upload one): the data folder is {data_dir}.")
         path = allowed_path(data_file_, [data_dir], base=data_dir)
         if not path.is_file():
             raise gr.Error(f"{data_file_} is not a file in the data folder {data_dir}.")
-        return str(path), None
+        return str(path)
 
     @user_errors
     def start_training(preset, source, stories, data_file, steps, batch_size, lr, context_length):
-        data, max_stories = data_source(source, stories, data_file)
+        data = data_source(source, data_file)
         if preset not in PRESETS:
             raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
         context_length = integer(context_length if context_length is not None else 0, "context length", 0)
+        max_stories = integer(stories if stories is not None else 0, "stories", 0)
         config = TrainConfig(
-            preset=preset, data=data, max_stories=max_stories,
+            preset=preset, data=data, max_stories=max_stories or None, cache_dir=str(data_dir / ".cache"),
             max_steps=integer(steps, "steps", 1, 10_000_000),
             batch_size=integer(batch_size, "batch size", 1, 4096),
             lr=number(lr, "learning rate", 1e-7, 1.0),
@@ -183,8 +186,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         if not run:
             raise gr.Error("Choose a run to resume.")
         run_dir = allowed_path(run, [checkpoints_dir], base=checkpoints_dir)
-        if not (run_dir / "latest").is_dir():
-            raise gr.Error(f"{run} has no latest/ checkpoint to resume from.")
+        if not (run_dir / "latest" / "training_state.json").is_file():
+            raise gr.Error(f"{run} has no latest/ checkpoint with a training state to resume from.")
         try:
             manager.resume(run_dir, max_steps=integer(steps, "steps", 1, 10_000_000))
         except TrainingBusyError as exc:
