@@ -16,7 +16,8 @@ from conftest import small_config
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from slm import count_parameters, generate, load_model, load_tokenizer
+from slm import build_model, count_parameters, generate, load_model, load_tokenizer
+from slm.hf import save_hf
 from ui.models import UNTRAINED
 from ui.train_tab import FILE_SOURCE
 
@@ -246,6 +247,38 @@ def test_missing_and_corrupt_checkpoints(app, client):
     assert text.startswith(PROMPT)
     assert math.isfinite(client.predict(PROMPT, 3, api_name="/inspect")[1]["entropy"][0])
 
+
+def test_a_hub_repo_id_downloads_into_the_checkpoint_folder_and_loads(app, client, monkeypatch):
+    """The download itself is replaced (the hub is unreachable here); the folder it writes is real.
+
+    It holds a transformers Gemma 3 checkpoint as `slm.hf` writes it, downloaded into the checkpoint
+    folder, loaded through `slm.load_model` and used for generation.
+    """
+    import huggingface_hub
+
+    source = build_model(small_config(), seed=5)
+    calls = []
+
+    def fake_snapshot_download(repo_id, local_dir, allow_patterns, **kwargs):
+        calls.append((repo_id, Path(local_dir), allow_patterns))
+        save_hf(source, local_dir, with_tokenizer=False)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    session = Client(app["url"], verbose=False)
+    try:
+        description = session.predict("someone/tiny-gemma", api_name="/load_hub")
+        assert calls[0][0] == "someone/tiny-gemma"
+        assert calls[0][1] == app["checkpoints"] / "hub" / "someone--tiny-gemma"
+        assert "*.safetensors" in calls[0][2] and not any(p.endswith((".bin", ".pt")) for p in calls[0][2])
+        assert "hub/someone--tiny-gemma" in description
+        text, _ = session.predict(PROMPT, 6, 0.0, 0, 1.0, 0, api_name="/generate")
+        tokenizer = load_tokenizer()
+        expected = generate(source.eval(), tokenizer.encode(PROMPT), 6, temperature=0,
+                            stop_token_ids=[tokenizer.eot_id])
+        assert text == PROMPT + tokenizer.decode([t for t in expected if t != tokenizer.eot_id])
+    finally:
+        shutil.rmtree(app["checkpoints"] / "hub", ignore_errors=True)  # later sessions would default to it
 
 # ----- training through the API -------------------------------------------------------------------
 # A real job: the app's TrainingManager runs `tiny` in a subprocess on synthetic stories, on the CPU.

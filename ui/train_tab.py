@@ -116,7 +116,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
                                 elem_id="train-stories")
             files = data_files(data_dir)
             data_file = gr.Dropdown(files, value=files[0] if files else None, allow_custom_value=True,
-                                    label=f"Data file (in {data_dir})", elem_id="train-data-file")
+                                    label=f"Data file (in the data folder, {data_dir.name}/)",
+                                    elem_id="train-data-file")
             upload = gr.File(label="…or upload a text file (stories separated by <|endoftext|> lines)",
                              file_types=list(DATA_SUFFIXES), type="filepath", height=90)
         with gr.Column():
@@ -131,7 +132,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
             with gr.Row():
                 run_box = gr.Dropdown(resumable_runs(checkpoints_dir), label="Run to resume", allow_custom_value=True,
-                                      scale=3)
+                                      scale=3, elem_id="train-run")
                 resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
     status_md = gr.Markdown(elem_id="train-status")
