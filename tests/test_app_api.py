@@ -13,7 +13,7 @@ import pytest
 import torch
 from app_helpers import CHECKPOINT_KEY, make_checkpoint, running_app, write_stories
 from conftest import small_config
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from slm import build_model, count_parameters, generate, load_model, load_tokenizer
@@ -311,7 +311,12 @@ def test_training_runs_to_the_end_and_its_checkpoint_appears(training_app):
     client = Client(training_app["url"], verbose=False)
     assert client.predict(api_name="/training_status")["state"] == "idle"
     assert client.predict(api_name="/stop_training") == "No training run is going."
-    message = client.predict(*start_args(6), api_name="/start_training")
+    # an uploaded text file is copied into the data folder (under a safe name) and trained on
+    upload = write_stories(training_app["root"] / "elsewhere" / "my stories!.txt", count=200, seed=1)
+    data_file, source = client.predict(handle_file(str(upload)), api_name="/upload_data")
+    assert (data_file, source) == ("uploads/my_stories.txt", FILE_SOURCE)
+    assert (training_app["root"] / "data" / data_file).read_text() == upload.read_text()
+    message = client.predict("tiny", FILE_SOURCE, 0, data_file, 6, 2, 3e-3, 32, api_name="/start_training")
     assert message.startswith("Started run")
     with pytest.raises(AppError, match="already going"):  # one job at a time
         client.predict(*start_args(6), api_name="/start_training")

@@ -227,13 +227,16 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         shutil.copyfile(path, target)
         relative = target.relative_to(data_dir).as_posix()
         gr.Info(f"Saved as {relative} in the data folder.")
-        return gr.Dropdown(choices=data_files(data_dir), value=relative), FILE_SOURCE
+        return relative, FILE_SOURCE
 
     train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context]
     start.click(start_training, train_inputs, message, api_name="start_training")
     stop.click(stop_training, None, message, api_name="stop_training")
     resume.click(resume_training, [run_box, steps], message, api_name="resume_training")
-    upload.upload(user_errors(uploaded), upload, [data_file, source], api_name="upload_data")
+    upload.upload(user_errors(uploaded), upload, [data_file, source], api_name="upload_data").success(
+        lambda chosen: gr.Dropdown(choices=data_files(data_dir), value=chosen), data_file, data_file,
+        api_visibility="private",
+    )
     timer.tick(training_status, None, status_json, api_name="training_status", show_progress="hidden").then(
         render, [status_json, seen, picker.state],
         [seen, status_md, loss_plot, sample, picker.dropdown, run_box],
