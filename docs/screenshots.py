@@ -46,6 +46,18 @@ def save(page, path: Path) -> None:
     print(f"{path}: {path.stat().st_size / 1024:.0f} KB")
 
 
+def wait_until_still(page, selectors: list[str], seconds: float = 3.0) -> None:
+    """Wait until the texts in `selectors` stop changing (streamed outputs have finished)."""
+    last, still_since = None, None
+    while True:
+        now = [page.locator(sel).input_value() for sel in selectors]
+        if now != last:
+            last, still_since = now, page.evaluate("performance.now()")
+        elif page.evaluate("performance.now()") - still_since > seconds * 1000:
+            return
+        page.wait_for_timeout(250)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=Path, required=True)
@@ -53,7 +65,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--train-steps", type=int, default=2000, help="steps of the run the Train shot shows")
     parser.add_argument("--resume-run", help="resume this run (a folder in --checkpoints) instead of starting one")
-    parser.add_argument("--train-seconds", type=int, default=60, help="how long the run trains before the shot")
+    parser.add_argument("--shot-at-step", type=int, default=100, help="take the Train shot once the run logs this step")
     args = parser.parse_args()
 
     settings = AppSettings(args.checkpoints.resolve(), args.data_dir.resolve(), torch.device("cpu"), torch.float32)
@@ -73,8 +85,7 @@ def main() -> None:
             page.click("#generate-button")
             page.locator("#generate-stats").get_by_text("done").wait_for()
             page.click("#compare-button")
-            page.wait_for_function("document.querySelector('#sampled-output textarea').value.length > 200")
-            page.wait_for_timeout(3000)
+            wait_until_still(page, ["#greedy-output textarea", "#sampled-output textarea"])
             save(page, args.out / "generate.png")
 
             page.get_by_role("tab", name="Step by step").click()
@@ -108,10 +119,13 @@ def main() -> None:
                 page.locator("#train-steps input").fill(str(args.train_steps))
                 page.click("#train-start")
             page.locator("#train-status").get_by_text(re.compile(r"running · run")).wait_for()
+            page.locator("#train-status").get_by_text(  # the run has logged in this session
+                re.compile(rf"step {args.shot_at_step:,} / ")
+            ).wait_for(timeout=1_800_000)
             page.wait_for_function(
                 "document.querySelector('#train-sample textarea').value.length > 50", timeout=1_800_000
             )
-            page.wait_for_timeout(args.train_seconds * 1000)
+            page.wait_for_timeout(3000)
             save(page, args.out / "train.png")
             browser.close()
     finally:

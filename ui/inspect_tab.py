@@ -66,14 +66,14 @@ def build_inspect_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
                                 label="Position: what does the model expect after this token?")
     position_info = gr.Markdown()
     with gr.Row():
-        candidates_plot = gr.Plot(label="Next-token candidates", elem_id="inspect-candidates")
-        lens_plot = gr.Plot(label="Logit lens", elem_id="inspect-lens")
+        candidates_plot = gr.Plot(label="Next-token candidates", show_label=False, elem_id="inspect-candidates")
+        lens_plot = gr.Plot(label="Logit lens", show_label=False, elem_id="inspect-lens")
     with gr.Row():
         layer_box = gr.Dropdown(label="Layer", choices=[], allow_custom_value=True, elem_id="inspect-layer")
         head_box = gr.Dropdown(label="Head", choices=[], allow_custom_value=True, elem_id="inspect-head")
     with gr.Row():
-        heatmap = gr.Plot(label="Attention of one head", elem_id="inspect-heatmap")
-        grid = gr.Plot(label="All heads of the layer", elem_id="inspect-grid")
+        heatmap = gr.Plot(label="Attention of one head", show_label=False, elem_id="inspect-heatmap")
+        grid = gr.Plot(label="All heads of the layer", show_label=False, elem_id="inspect-grid")
     with gr.Accordion("Raw numbers (what the `inspect` API returns)", open=False):
         raw = gr.JSON(label="inspection")
     state = gr.State(None, time_to_live=3600)

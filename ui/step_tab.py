@@ -56,7 +56,7 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         pick = gr.Button("Use this token", elem_id="step-pick")
         undo = gr.Button("Undo")
     info = gr.Markdown(elem_id="step-info")
-    chart = gr.Plot(label="Next-token distribution", elem_id="step-chart")
+    chart = gr.Plot(label="Next-token distribution", show_label=False, elem_id="step-chart")
     state = gr.State(None)
 
     def view(story_state: dict, temperature, top_k, top_p, model_key):

@@ -137,7 +137,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     message = gr.Markdown(elem_id="train-message")
     status_md = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss", elem_id="train-loss")
+        loss_plot = gr.Plot(label="Loss", show_label=False, elem_id="train-loss")
         sample = gr.Textbox(label="Latest sample story", lines=10, elem_id="train-sample", elem_classes=["big-text"])
     status_json = gr.JSON(visible=False)
     seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
