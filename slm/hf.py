@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     write_json,
 )
-from .config import GLOBAL, LAYER_TYPES, SLIDING, ModelConfig
+from .config import GLOBAL, LAYER_TYPES, SLIDING, ModelConfig, layer_types_from_pattern
 from .model import Gemma3LM
 from .tokenizer import EOT_ID, EOT_TEXT, load_tokenizer
 
@@ -62,6 +62,7 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str,
         "rms_norm_eps": config.rms_norm_eps,
         "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types),
+        "sliding_window_pattern": config.sliding_window_pattern,
         "rope_theta": config.rope_global_base,
         "rope_local_base_freq": config.rope_local_base,
         "rope_parameters": {
@@ -119,8 +120,12 @@ def config_from_hf(data: dict[str, Any]) -> ModelConfig:
     num_layers = int(data["num_hidden_layers"])
     layer_types = data.get("layer_types")
     pattern = int(data.get("sliding_window_pattern", data.get("_sliding_window_pattern", 6)))
-    if layer_types is not None and not set(layer_types) <= set(LAYER_TYPES):
-        raise CheckpointError(f"unsupported layer types {sorted(set(layer_types) - set(LAYER_TYPES))}")
+    if layer_types is not None:
+        if not set(layer_types) <= set(LAYER_TYPES):
+            raise CheckpointError(f"unsupported layer types {sorted(set(layer_types) - set(LAYER_TYPES))}")
+        # transformers 5 drops the pattern when it saves; recover it from the explicit layer types
+        pattern = next((p for p in range(1, num_layers + 1)
+                        if layer_types_from_pattern(num_layers, p) == list(layer_types)), pattern)
     heads = int(data["num_attention_heads"])
     try:
         return ModelConfig(

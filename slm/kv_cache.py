@@ -8,31 +8,10 @@ single decoded token simply attends to every filled slot of the ring.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from .config import SLIDING, ModelConfig
-
-
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (Tq, Tk) mask, True where a query may attend: causal, and within the window if any."""
-    diff = q_pos[:, None] - k_pos[None, :]
-    allowed = diff >= 0
-    if window is not None:
-        allowed &= diff < window
-    return allowed
-
-
-@lru_cache(maxsize=32)
-def _cached_sliding_causal_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
-    pos = torch.arange(length, device=device)
-    return window_mask(pos, pos, window)
-
-
-def sliding_causal_mask(length: int, window: int | None, device: torch.device | str) -> torch.Tensor:
-    """The (T, T) causal mask, restricted to a window when one is given; cached per shape and device."""
-    return _cached_sliding_causal_mask(length, window, torch.device(device))
+from .masks import window_mask
 
 
 class LayerKVCache:
@@ -48,6 +27,21 @@ class LayerKVCache:
         self.capacity = capacity
         self.window = window
         self.is_ring = window is not None
+        self.slots = torch.arange(capacity, device=device)
+
+    def update_at(
+        self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store one token at a position held in a tensor and attend over the whole buffer, masked.
+
+        Every shape is fixed and no Python value depends on the position, so a decode step built on
+        this can be compiled once and captured in a CUDA graph. Filled slots are exactly those with
+        index <= position (once a ring has wrapped, all of them), and all of them are in the window.
+        """
+        slot = torch.remainder(position, self.capacity).view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v, (self.slots <= position)[None, :]
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, start: int

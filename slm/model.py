@@ -20,10 +20,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GLOBAL, SLIDING, ModelConfig
-from .kv_cache import KVCache, LayerKVCache, sliding_causal_mask
+from .kv_cache import KVCache, LayerKVCache
 from .losses import linear_cross_entropy
+from .masks import (
+    compiled_flex_attention,
+    flex_attention_available,
+    gpu_compiler_available,
+    sliding_block_mask,
+    sliding_causal_mask,
+)
 
 VOCAB_MULTIPLE = 64  # the embedding is padded to this many rows: aligned matmuls, hidden from users
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+
+
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, with a special case for decoding on CPU.
+
+    A single row (one token, batch 1) is written as a broadcast multiply-and-sum when traced by
+    torch.compile on CPU: inductor turns that into one streaming reduction that reads the weight at
+    close to memory bandwidth, about 3x faster than the BLAS matrix-vector call it replaces (see
+    bench/RESULTS.md). In eager mode the same expression would materialise a huge temporary, so it is
+    used only while compiling.
+    """
+    if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+        return (x.unsqueeze(-2) * weight).sum(-1)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same parameter name and init) whose forward goes through `project`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -72,12 +104,13 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
         self.window: int | None = config.sliding_window if layer_type == SLIDING else None
         self.scale = config.query_pre_attn_scalar**-0.5
-        self.q_proj = nn.Linear(d, config.num_heads * h, bias=False)
-        self.k_proj = nn.Linear(d, config.num_kv_heads * h, bias=False)
-        self.v_proj = nn.Linear(d, config.num_kv_heads * h, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * h, d, bias=False)
+        self.q_proj = Linear(d, config.num_heads * h)
+        self.k_proj = Linear(d, config.num_kv_heads * h)
+        self.v_proj = Linear(d, config.num_kv_heads * h)
+        self.o_proj = Linear(config.num_heads * h, d)
         self.q_norm = RMSNorm(h, config.rms_norm_eps)
         self.k_norm = RMSNorm(h, config.rms_norm_eps)
+        self.backend = "auto"
 
     def forward(
         self,
@@ -87,6 +120,7 @@ class Attention(nn.Module):
         cache: LayerKVCache | None = None,
         start: int = 0,
         return_weights: bool = False,
+        position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
@@ -94,10 +128,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        if cache is not None:
+        if cache is not None and position is not None:
+            k, v, mask = cache.update_at(k, v, position)
+            is_causal = False
+        elif cache is not None:
             k, v, mask = cache.update(k, v, start)
             is_causal = False
         elif self.window is not None and self.window < T:
+            if not return_weights and self._use_flex(x):
+                out = compiled_flex_attention()(
+                    q, k, v, block_mask=sliding_block_mask(T, self.window, x.device), scale=self.scale,
+                    enable_gqa=self.num_kv_heads != self.num_heads,
+                )
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)), None
             mask, is_causal = sliding_causal_mask(T, self.window, x.device), False
         else:
             mask, is_causal = None, True  # the window cannot bind: plain causal attention
@@ -114,6 +157,12 @@ class Attention(nn.Module):
             weights = None
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), weights
+
+    def _use_flex(self, x: torch.Tensor) -> bool:
+        """FlexAttention skips the blocks outside the window; "auto" takes it on CUDA, where it is compiled."""
+        if self.backend == "flex":
+            return True
+        return self.backend == "auto" and x.is_cuda and flex_attention_available() and gpu_compiler_available()
 
     def _explicit_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -134,9 +183,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -164,8 +213,9 @@ class DecoderLayer(nn.Module):
         cache: LayerKVCache | None = None,
         start: int = 0,
         return_weights: bool = False,
+        position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, return_weights)
+        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, return_weights, position)
         x = x + self.post_attention_layernorm(attn)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, weights
@@ -192,7 +242,7 @@ class Gemma3LM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             None if config.tie_embeddings
-            else nn.Linear(config.hidden_size, self.padded_vocab_size, bias=False)
+            else Linear(config.hidden_size, self.padded_vocab_size)
         )
         self._inv_freq: dict[tuple[str, torch.device], torch.Tensor] = {}  # fp32, kept out of .to(dtype)
         self.reset_parameters()
@@ -235,9 +285,9 @@ class Gemma3LM(nn.Module):
         scale = torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device)
         return self.embed_tokens(input_ids) * scale
 
-    def rotary_tables(self, start: int, length: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
-        """cos/sin for positions start..start+length-1, per layer type (local and global bases differ)."""
-        positions = torch.arange(start, start + length, device=device)
+    def rotary_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """cos/sin for the given positions, per layer type (local and global bases differ)."""
+        device = positions.device
         tables = {}
         for layer_type, base in ((SLIDING, self.config.rope_local_base), (GLOBAL, self.config.rope_global_base)):
             key = (layer_type, device)
@@ -248,29 +298,34 @@ class Gemma3LM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project normalised hidden states onto the vocabulary (padding rows dropped)."""
-        return F.linear(hidden, self.head_weight)[..., : self.config.vocab_size]
+        return project(hidden, self.head_weight)[..., : self.config.vocab_size]
 
     def _run_layers(
-        self, input_ids: torch.Tensor, cache: KVCache | None, return_trace: bool
+        self, input_ids: torch.Tensor, cache: KVCache | None, return_trace: bool,
+        position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            cache.check_room(T)
+        start = cache.length if cache is not None and position is None else 0
+        if position is not None:
+            positions = position.view(1)
+        else:
+            if cache is not None:
+                cache.check_room(T)
+            positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.embed(input_ids)
-        tables = self.rotary_tables(start, T, x.device)
+        tables = self.rotary_tables(positions)
         hidden_states, attentions = [], []
         for i, layer in enumerate(self.layers):
             if return_trace:
                 hidden_states.append(x)
             cos, sin = tables[layer.layer_type]
             layer_cache = cache.layers[i] if cache is not None else None
-            x, weights = layer(x, cos, sin, layer_cache, start, return_trace)
+            x, weights = layer(x, cos, sin, layer_cache, start, return_trace, position)
             if return_trace:
                 attentions.append(weights)
-        if cache is not None:
+        if cache is not None and position is None:
             cache.length += T
         if return_trace:
             hidden_states.append(x)
@@ -288,6 +343,22 @@ class Gemma3LM(nn.Module):
         if last_only:
             hidden = hidden[:, -1:]
         return self.logits(hidden)
+
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab) for one token (B, 1) at `position` (a 0-d tensor), through the cache.
+
+        Shapes and Python state do not depend on the position (the caller advances `cache.length`), so
+        this is what gets compiled, and on CUDA captured as a graph, for fast decoding.
+        """
+        hidden, _, _ = self._run_layers(token, cache, return_trace=False, position=position)
+        return self.logits(hidden[:, -1])
+
+    def set_attention_backend(self, backend: str) -> None:
+        """"sdpa", "flex" (FlexAttention for sliding layers, compiled) or "auto" (flex on CUDA)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        for layer in self.layers:
+            layer.self_attn.backend = backend
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist."""

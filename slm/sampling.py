@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from .masks import gpu_compiler_available
 from .model import Gemma3LM
 
 
@@ -81,6 +82,55 @@ def _as_batch(input_ids: Sequence[int] | torch.Tensor, device: torch.device) -> 
     return ids.to(device=device, dtype=torch.long), batched
 
 
+CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step sees few distinct shapes
+
+
+class Decoder:
+    """A prefill, then one cached step per token.
+
+    With `compiled=True` (the default on CUDA) the step is `model.decode_step` under `torch.compile`:
+    fixed shapes, the position passed as a tensor, and on CUDA "reduce-overhead" captures it as a CUDA
+    graph so a token costs one graph launch instead of hundreds of kernel launches.
+    """
+
+    def __init__(self, model: Gemma3LM, batch_size: int, max_length: int, compiled: bool | None = None) -> None:
+        self.model = model
+        if compiled is None:
+            compiled = model.device.type == "cuda" and gpu_compiler_available()
+        self.compiled = compiled
+        if self.compiled:
+            max_length = math.ceil(max_length / CACHE_BUCKET) * CACHE_BUCKET
+        self.cache = model.new_cache(batch_size, max_length)
+        if self.compiled:
+            for layer in self.cache.layers:
+                for tensor in (layer.k, layer.v, layer.slots):
+                    torch._dynamo.mark_static_address(tensor)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after the whole prompt."""
+        return self.model(ids, cache=self.cache, last_only=True)[:, -1]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after one more token (B,)."""
+        if not self.compiled:
+            return self.model(token[:, None], cache=self.cache)[:, -1]
+        self.cache.check_room(1)
+        position = torch.tensor(self.cache.length, device=token.device)
+        logits = compiled_decode_step(self.model)(token[:, None], position, self.cache)
+        self.cache.length += 1
+        return logits.clone()  # a CUDA graph reuses its output buffer on the next step
+
+
+def compiled_decode_step(model: Gemma3LM):
+    """`model.decode_step` compiled once per model (kept on the model so it is reused across requests)."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        model._compiled_decode_step = step
+    return step
+
+
 def stream_generate(
     model: Gemma3LM,
     input_ids: Sequence[int] | torch.Tensor,
@@ -90,11 +140,12 @@ def stream_generate(
     top_p: float | None = None,
     seed: int | None = None,
     stop_token_ids: Iterable[int] | None = None,
+    compiled: bool | None = None,
 ) -> Iterator[int | torch.Tensor]:
     """Yield new tokens one at a time: an int for a 1-D prompt, a (B,) tensor for a (B, T) batch.
 
     Stops after `max_new_tokens`, or once every row has produced one of `stop_token_ids` (the stop
-    token itself is yielded).
+    token itself is yielded). `compiled` chooses the compiled decode step (default: on CUDA only).
     """
     check_sampling_params(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -108,9 +159,9 @@ def stream_generate(
         generator.manual_seed(int(seed))
     stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=torch.long, device=model.device)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    decoder = Decoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compiled)
     with torch.inference_mode():
-        logits = model(ids, cache=cache, last_only=True)[:, -1]
+        logits = decoder.prefill(ids)
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             yield token if batched else int(token[0])
@@ -119,7 +170,7 @@ def stream_generate(
                 if bool(finished.all()):
                     return
             if step + 1 < max_new_tokens:
-                logits = model(token[:, None], cache=cache)[:, -1]
+                logits = decoder.step(token)
 
 
 def generate(
@@ -131,9 +182,12 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     stop_token_ids: Iterable[int] | None = None,
+    compiled: bool | None = None,
 ) -> list[int] | torch.Tensor:
     """The new token ids (a list for a 1-D prompt, a (B, n) tensor for a batch); temperature 0 is greedy."""
-    tokens = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids))
+    tokens = list(stream_generate(
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, compiled
+    ))
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         if not tokens:
             return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=model.device)

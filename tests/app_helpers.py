@@ -9,9 +9,24 @@ from pathlib import Path
 
 import torch
 
-from slm import build_model, save_checkpoint
+from slm import ModelConfig, build_model, save_checkpoint
 
 CHECKPOINT_KEY = "small-run/best"
+
+
+def playground_config(**overrides) -> ModelConfig:
+    """A small model with the real GPT-2 vocabulary (the app tokenizes real text), built in milliseconds.
+
+    Three layers (sliding, sliding, global) with a window of 4, so sliding attention binds on short
+    texts. A large init_std makes the untrained model's predictions peaked rather than uniform, so
+    tests that compare probabilities compare numbers that differ from token to token.
+    """
+    values = dict(
+        context_length=64, hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=16,
+        intermediate_size=64, sliding_window=4, sliding_window_pattern=3, init_std=0.3,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
 
 
 def free_port() -> int:

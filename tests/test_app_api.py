@@ -11,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from app_helpers import CHECKPOINT_KEY, make_checkpoint, running_app, write_stories
-from conftest import small_config
+from app_helpers import CHECKPOINT_KEY, make_checkpoint, playground_config, running_app, write_stories
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -28,7 +27,7 @@ PROMPT = "Once upon a time, there was a little"
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     checkpoints, data = root / "checkpoints", root / "data"
-    make_checkpoint(checkpoints, small_config())
+    make_checkpoint(checkpoints, playground_config())
     data.mkdir()
     with running_app(checkpoints, data) as (url, _manager):
         yield {"url": url, "checkpoints": checkpoints, "data": data, "root": root}
@@ -53,7 +52,7 @@ def test_list_checkpoints(client):
     first = entries[0]
     assert first["key"] == CHECKPOINT_KEY
     assert first["step"] == 120 and first["val_loss"] == pytest.approx(6.25)
-    assert first["parameters"] == count_parameters(small_config()).total
+    assert first["parameters"] == count_parameters(playground_config()).total
     assert "step 120" in first["label"] and "val loss 6.250" in first["label"]
     assert entries[-1]["key"] == UNTRAINED and entries[-1]["format"] == "untrained"
 
@@ -216,7 +215,7 @@ def test_awkward_prompts(client, model):
 
 def test_paths_outside_the_allowed_folders_are_refused(app, client):
     outside = app["root"] / "elsewhere"
-    make_checkpoint(outside, small_config(), key="ckpt")
+    make_checkpoint(outside, playground_config(), key="ckpt")
     for path in (str(outside / "ckpt"), "../elsewhere/ckpt", "/etc"):
         with pytest.raises(AppError, match="outside the folders this app may read"):
             client.predict(path, api_name="/select_model")
@@ -230,7 +229,7 @@ def test_paths_outside_the_allowed_folders_are_refused(app, client):
 def test_missing_and_corrupt_checkpoints(app, client):
     with pytest.raises(AppError, match="no checkpoint at"):
         client.predict("nothing/here", api_name="/select_model")
-    broken = make_checkpoint(app["checkpoints"], small_config(), key="broken/best")
+    broken = make_checkpoint(app["checkpoints"], playground_config(), key="broken/best")
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     try:
@@ -256,7 +255,7 @@ def test_a_hub_repo_id_downloads_into_the_checkpoint_folder_and_loads(app, clien
     """
     import huggingface_hub
 
-    source = build_model(small_config(), seed=5)
+    source = build_model(playground_config(), seed=5)
     calls = []
 
     def fake_snapshot_download(repo_id, local_dir, allow_patterns, **kwargs):

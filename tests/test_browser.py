@@ -13,8 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from app_helpers import make_checkpoint, running_app, write_stories
-from conftest import small_config
+from app_helpers import make_checkpoint, playground_config, running_app, write_stories
 
 pytestmark = pytest.mark.browser
 
@@ -55,7 +54,7 @@ def browser():
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-app")
-    make_checkpoint(root / "checkpoints", small_config())
+    make_checkpoint(root / "checkpoints", playground_config())
     write_stories(root / "data" / "stories.txt")
     with running_app(root / "checkpoints", root / "data") as (url, _manager):
         yield {"url": url, "root": root}

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from app_helpers import playground_config
 
-from slm import plots
+from slm import build_model, plots
 from slm.config import GLOBAL, SLIDING
 from slm.inspection import (
     fit_to_length,
@@ -20,6 +21,12 @@ from slm.inspection import (
     sampling_view,
 )
 from slm.sampling import next_token_probabilities
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_model(playground_config(), device="cpu", dtype=torch.float32, seed=0).eval()
+
 
 TEXT = "Once upon a time, there was a little dog named Max. He liked to play in the park."
 

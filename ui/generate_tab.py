@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,7 +79,10 @@ def prepare_prompt(
     return ids, max_new_tokens, dropped
 
 
-def each_in_inference_mode(tokens: Iterator[int]) -> Iterator[int]:
+CUDA_DECODE_LOCK = threading.Lock()
+
+
+def each_in_inference_mode(tokens: Iterator[int], device: torch.device) -> Iterator[int]:
     """Advance a `stream_generate` iterator one token at a time, each step inside `torch.inference_mode()`.
 
     `stream_generate` holds an inference-mode block open across its `yield`s. Gradio may resume a
@@ -85,9 +90,13 @@ def each_in_inference_mode(tokens: Iterator[int]) -> Iterator[int]:
     interleaves two generators whose blocks would close out of order; either way the generator's
     in-place updates of inference tensors would then run outside inference mode and fail. Entering
     inference mode around every step makes each step self-contained.
+
+    On CUDA the decode step may be a CUDA graph whose output buffer is shared by every caller, so
+    steps of concurrent requests take turns (the lock covers the replay and the copy of its output).
     """
+    lock = CUDA_DECODE_LOCK if device.type == "cuda" else contextlib.nullcontext()
     while True:
-        with torch.inference_mode():
+        with lock, torch.inference_mode():
             try:
                 token = next(tokens)
             except StopIteration:
@@ -105,7 +114,7 @@ def stream_text(
         model, ids, settings.max_new_tokens, 0.0 if greedy else settings.temperature,
         settings.top_k, settings.top_p, settings.seed, stop_token_ids=[tokenizer.eot_id],
     )
-    for token in each_in_inference_mode(tokens):
+    for token in each_in_inference_mode(tokens, model.device):
         count += 1
         if token == tokenizer.eot_id:
             break
