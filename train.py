@@ -94,6 +94,11 @@ def summary(result: Any) -> str:
         f"  train loss {loss(result.train_loss)}   val loss {loss(result.val_loss)}   "
         f"best val loss {loss(result.best_val_loss)}",
         f"  run folder   {result.run_dir}",
+    ]
+    if result.checkpoint is None:
+        lines.append("  nothing was trained, so nothing was saved")
+        return "\n".join(lines)
+    lines += [
         f"  checkpoint   {result.checkpoint}   (best: {result.run_dir / 'best'})",
         f"  loss plot    {result.run_dir / 'loss.png'}",
     ]

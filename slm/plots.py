@@ -54,8 +54,8 @@ def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str
     if val_y:
         axes.plot(val_x, val_y, color="tab:orange", marker="o", markersize=3, linewidth=1.5, label="validation")
         best = min(range(len(val_y)), key=val_y.__getitem__)
-        axes.annotate(f"{val_y[best]:.3f}", (val_x[best], val_y[best]), textcoords="offset points",
-                      xytext=(0, -12), ha="center", fontsize=8, color="tab:orange")
+        axes.annotate(f"best {val_y[best]:.3f}", (val_x[best], val_y[best]), textcoords="offset points",
+                      xytext=(0, 8), ha="center", va="bottom", fontsize=8, color="tab:orange")
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(ScalarFormatter())
     axes.yaxis.set_minor_formatter(ScalarFormatter())

@@ -424,8 +424,8 @@ class TrainResult:
     best_val_loss: float | None
     stopped: bool  # True when a stop request ended the run before max_steps
     elapsed_s: float
-    tokens_per_s: float | None
-    checkpoint: Path
+    tokens_per_s: float | None  # mean training throughput of this session (evaluations excluded)
+    checkpoint: Path | None  # None when stopped before anything was trained
 
 
 class StopSignals:
@@ -484,7 +484,9 @@ class Trainer:
         self.start_step = 0
         self.elapsed_before = 0.0  # seconds trained by earlier sessions of this run
         self.session_start = self.interval_start = time.perf_counter()
-        self.tokens_per_s: float | None = None
+        self.tokens_per_s: float | None = None  # of the last logged interval
+        self.session_train_seconds = 0.0  # time in training steps (evaluations excluded) in this session
+        self.session_train_tokens = 0
         self.bar: Any = None
         self.folder_ready = False
         self.best_val_loss: float | None = None
@@ -556,7 +558,10 @@ class Trainer:
             data.train, c.batch_size, c.context_length, c.seed, self.dist.rank, self.dist.world_size, self.device
         )
         self.val_tokens = data.val
-        self.eval_starts = eval_window_starts(data.val, c.batch_size, c.context_length, c.eval_batches)
+        # eval_batches global batches, dealt out to the ranks: the same windows for any number of ranks
+        self.eval_starts = eval_window_starts(
+            data.val, c.batch_size, c.context_length, c.eval_batches * self.dist.world_size
+        )
         self.eval_length = min(c.context_length, data.val.size - 1)
 
         self.model_config = c.model_config()
@@ -653,14 +658,15 @@ class Trainer:
 
     def save_latest(self) -> Path:
         """The resumable checkpoint, written atomically (a crash mid-save keeps the previous one)."""
-        tensors, scalars = self.state_files()  # every rank takes part (the loss .item())
         folder = self.run_dir / LATEST_DIR
-        if self.dist.is_main:
-            with atomic_directory(folder) as tmp:
-                write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
-                save_file(tensors, str(tmp / STATE_TENSORS_FILE))
-                write_json(tmp / STATE_JSON_FILE, scalars)
-            self.write_plot()
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return folder
+        tensors, scalars = self.state_files()
+        with atomic_directory(folder) as tmp:
+            write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
+            save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+            write_json(tmp / STATE_JSON_FILE, scalars)
+        self.write_plot()
         return folder
 
     def write_plot(self) -> None:
@@ -765,6 +771,8 @@ class Trainer:
         train_loss_value = float(train_loss.item())  # synchronises: the interval's work is done
         seconds = max(time.perf_counter() - self.interval_start, 1e-9)
         self.tokens_per_s = self.interval_steps * self.tokens_per_step / seconds
+        self.session_train_seconds += seconds
+        self.session_train_tokens += self.interval_steps * self.tokens_per_step
         self.last_train_loss = train_loss_value
         self.interval_loss.zero_()
         self.interval_steps = 0
@@ -796,7 +804,13 @@ class Trainer:
     def run(self) -> TrainResult:
         c = self.config
         self._on_main(self.prepare_run_folder)
-        self.build()
+        try:
+            self.build()
+        except InterruptedError:  # stopped while the data was being prepared: nothing trained, nothing to save
+            step = self._saved_step() if self.dist.is_main else 0
+            self.emit({"kind": "end", "reason": "stopped", "step": step, "tokens": 0, "checkpoint": None,
+                       "elapsed_s": 0.0, "time": time.time()})
+            return TrainResult(self.run_dir, step, c.max_steps, 0, None, None, None, True, 0.0, None, None)
         self.start_step = self.step
         self.emit({
             "kind": "start", "step": self.step, "max_steps": c.max_steps,
@@ -841,7 +855,8 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, step=self.step, max_steps=c.max_steps, tokens=self.step * self.tokens_per_step,
             train_loss=self.last_train_loss, val_loss=self.last_val_loss, best_val_loss=self.best_val_loss,
-            stopped=stopped, elapsed_s=self.elapsed(), tokens_per_s=self.tokens_per_s, checkpoint=checkpoint,
+            stopped=stopped, elapsed_s=self.elapsed(), checkpoint=checkpoint,
+            tokens_per_s=self.session_train_tokens / self.session_train_seconds if self.session_train_seconds else None,
         )
 
 
