@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 # flags that may change when a run is resumed; everything else would make it a different run
@@ -111,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from slm.checkpoint import CheckpointError
     from slm.data import DataError
-    from slm.training import train
+    from slm.plots import write_run_loss_plot
+    from slm.training import read_metrics, train
+
+    def draw_loss_plot(run_dir: Path) -> None:
+        write_run_loss_plot(run_dir, read_metrics(run_dir))
 
     try:
         config = build_config(args)
-        result = train(config, progress=not args.quiet)
+        result = train(config, progress=not args.quiet, on_save=draw_loss_plot)
     except (DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

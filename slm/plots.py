@@ -71,6 +71,9 @@ def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str
     return figure
 
 
+LOSS_PLOT_FILE = "loss.png"
+
+
 def save_loss_plot(metrics: Iterable[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Write the loss figure to a PNG (through a temporary file, so a reader never sees half an image)."""
     path = Path(path)
@@ -79,3 +82,9 @@ def save_loss_plot(metrics: Iterable[dict[str, Any]], path: str | Path, title: s
     figure.savefig(tmp, format="png")
     tmp.replace(path)
     return path
+
+
+def write_run_loss_plot(run_dir: str | Path, metrics: Iterable[dict[str, Any]]) -> Path:
+    """`<run_dir>/loss.png` from the run's metrics records."""
+    run_dir = Path(run_dir)
+    return save_loss_plot(metrics, run_dir / LOSS_PLOT_FILE, title=run_dir.name)

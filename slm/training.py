@@ -5,9 +5,10 @@ checkpoints, resume, graceful stop and DDP.
     result = train(TrainConfig(preset="tiny", data="stories.txt", max_steps=300, out="checkpoints/run"))
 
 A run folder holds `run.json` (the TrainConfig, every default resolved), `metrics.jsonl` (one JSON
-record per line: `kind` is "preparing", "start", "train", "sample", "end" or "error"), `loss.png`,
-`latest/` (a checkpoint plus `training_state.safetensors` / `training_state.json`: optimizer
-moments, RNG and sampler states, counters) and `best/` (the weights with the best validation loss).
+record per line: `kind` is "preparing", "start", "train", "sample", "end" or "error"), `latest/`
+(a checkpoint plus `training_state.safetensors` / `training_state.json`: optimizer moments, RNG and
+sampler states, counters) and `best/` (the weights with the best validation loss); train.py and the
+background jobs also draw `loss.png` there at every save.
 
 Resuming restores every piece of state that decides the next step, so a run stopped and resumed
 produces exactly the losses of an uninterrupted one (bitwise on CPU). Under `torchrun` the same
@@ -44,7 +45,6 @@ from .tokenizer import load_tokenizer
 
 RUN_CONFIG_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT_FILE = "loss.png"
 STOP_FILE = "STOP"
 LATEST_DIR = "latest"
 BEST_DIR = "best"
@@ -467,8 +467,10 @@ class Trainer:
         stop_event: threading.Event | None,
         progress: bool,
         signals: StopSignals,
+        on_save: Callable[[Path], None] | None = None,
     ) -> None:
         self.dist = dist_info
+        self.on_save = on_save
         self.device = resolve_device(config.device, dist_info.local_rank)
         self.config = self._agreed(resolve_config(config, self.device, dist_info.world_size))
         self.run_dir = Path(self.config.out)
@@ -666,13 +668,9 @@ class Trainer:
             write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
             save_file(tensors, str(tmp / STATE_TENSORS_FILE))
             write_json(tmp / STATE_JSON_FILE, scalars)
-        self.write_plot()
+        if self.on_save is not None:
+            self.on_save(self.run_dir)
         return folder
-
-    def write_plot(self) -> None:
-        from .plots import save_loss_plot  # matplotlib only where a plot is drawn
-
-        save_loss_plot(read_metrics(self.run_dir), self.run_dir / LOSS_PLOT_FILE, title=self.run_dir.name)
 
     def emit(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -865,12 +863,14 @@ def train(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     stop_event: threading.Event | None = None,
     progress: bool = False,
+    on_save: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train (or resume, with `config.resume`) a model; returns when finished or stopped.
 
-    `on_metrics` receives every record written to metrics.jsonl. A stop request (`stop_event`, a
-    `STOP` file in the run folder, SIGINT or SIGTERM) finishes the current step, saves and returns.
-    Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP.
+    `on_metrics` receives every record written to metrics.jsonl; `on_save(run_dir)` runs after each
+    save of `latest/` (train.py draws `loss.png` there). A stop request (`stop_event`, a `STOP` file
+    in the run folder, SIGINT or SIGTERM) finishes the current step, saves and returns. Under torchrun
+    (WORLD_SIZE > 1) this joins the process group and trains with DDP; rank 0 alone writes.
     """
     dist_info = distributed_from_env()
     own_group = dist_info.enabled and not dist.is_initialized()
@@ -883,7 +883,7 @@ def train(
     trainer = None
     try:
         with signals.installed():
-            trainer = Trainer(config, dist_info, on_metrics, stop_event, progress, signals)
+            trainer = Trainer(config, dist_info, on_metrics, stop_event, progress, signals, on_save)
             if trainer.device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True

@@ -71,6 +71,7 @@ def test_a_job_runs_in_the_background_is_polled_stopped_and_resumed(tmp_path: Pa
     steps = [r["step"] for r in manager.metrics() if r["kind"] == "train"]
     assert steps == list(range(1, stopped_at + 3))
     load_model(run_dir / "latest")
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"  # drawn by the worker at each save
 
 
 def test_a_run_that_fails_is_reported_with_its_error_and_no_traceback(tmp_path: Path) -> None:
