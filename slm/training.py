@@ -431,15 +431,17 @@ class TrainResult:
 class StopSignals:
     """Turns SIGINT / SIGTERM into a stop request (finish the step, save, exit); a second SIGINT aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: finishing the current step and saving (Ctrl-C again to abort)", flush=True)
+        if self.announce:
+            print("\nstop requested: finishing the current step and saving (Ctrl-C again to abort)", flush=True)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignals]:
@@ -471,6 +473,7 @@ class Trainer:
     ) -> None:
         self.dist = dist_info
         self.on_save = on_save
+        self.control_group = dist.new_group(backend="gloo") if dist_info.enabled else None
         self.device = resolve_device(config.device, dist_info.local_rank)
         self.config = self._agreed(resolve_config(config, self.device, dist_info.world_size))
         self.run_dir = Path(self.config.out)
@@ -692,8 +695,9 @@ class Trainer:
         local = self.stop_requested_locally()
         if not self.dist.enabled:
             return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        # agreed over a CPU (gloo) group: no GPU synchronisation per step
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(flag.item())
 
     # -- one step, evaluation, sample --
@@ -879,7 +883,7 @@ def train(
         if want_cuda:
             torch.cuda.set_device(dist_info.local_rank)
         dist.init_process_group("nccl" if want_cuda else "gloo")
-    signals = StopSignals()
+    signals = StopSignals(announce=dist_info.is_main)
     trainer = None
     try:
         with signals.installed():
