@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 # flags that may change when a run is resumed; everything else would make it a different run
@@ -94,6 +95,11 @@ def summary(result: Any) -> str:
         f"  train loss {loss(result.train_loss)}   val loss {loss(result.val_loss)}   "
         f"best val loss {loss(result.best_val_loss)}",
         f"  run folder   {result.run_dir}",
+    ]
+    if result.checkpoint is None:
+        lines.append("  nothing was trained, so nothing was saved")
+        return "\n".join(lines)
+    lines += [
         f"  checkpoint   {result.checkpoint}   (best: {result.run_dir / 'best'})",
         f"  loss plot    {result.run_dir / 'loss.png'}",
     ]
@@ -106,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from slm.checkpoint import CheckpointError
     from slm.data import DataError
-    from slm.training import train
+    from slm.plots import write_run_loss_plot
+    from slm.training import read_metrics, train
+
+    def draw_loss_plot(run_dir: Path) -> None:
+        write_run_loss_plot(run_dir, read_metrics(run_dir))
 
     try:
         config = build_config(args)
-        result = train(config, progress=not args.quiet)
+        result = train(config, progress=not args.quiet, on_save=draw_loss_plot)
     except (DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

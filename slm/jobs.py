@@ -341,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m slm.jobs RUN_DIR", file=sys.stderr)
         return 2
-    from .training import train
+    from .plots import write_run_loss_plot
+    from .training import read_metrics, train
 
     run_dir = Path(args[0])
     config = TrainConfig.load(run_dir / RUN_CONFIG_FILE)
-    result = train(config, progress=False)
+    result = train(config, progress=False, on_save=lambda folder: write_run_loss_plot(folder, read_metrics(folder)))
     print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 

@@ -66,8 +66,8 @@ def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str
     if val_y:
         axes.plot(val_x, val_y, color="tab:orange", marker="o", markersize=3, linewidth=1.5, label="validation")
         best = min(range(len(val_y)), key=val_y.__getitem__)
-        axes.annotate(f"{val_y[best]:.3f}", (val_x[best], val_y[best]), textcoords="offset points",
-                      xytext=(0, -12), ha="center", fontsize=8, color="tab:orange")
+        axes.annotate(f"best {val_y[best]:.3f}", (val_x[best], val_y[best]), textcoords="offset points",
+                      xytext=(0, 8), ha="center", va="bottom", fontsize=8, color="tab:orange")
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(ScalarFormatter())
     axes.yaxis.set_minor_formatter(ScalarFormatter())
@@ -83,6 +83,9 @@ def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str
     return figure
 
 
+LOSS_PLOT_FILE = "loss.png"
+
+
 def save_loss_plot(metrics: Iterable[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Write the loss figure to a PNG (through a temporary file, so a reader never sees half an image)."""
     path = Path(path)
@@ -91,6 +94,12 @@ def save_loss_plot(metrics: Iterable[dict[str, Any]], path: str | Path, title: s
     figure.savefig(tmp, format="png")
     tmp.replace(path)
     return path
+
+
+def write_run_loss_plot(run_dir: str | Path, metrics: Iterable[dict[str, Any]]) -> Path:
+    """`<run_dir>/loss.png` from the run's metrics records."""
+    run_dir = Path(run_dir)
+    return save_loss_plot(metrics, run_dir / LOSS_PLOT_FILE, title=run_dir.name)
 
 
 # ----- inspection figures -----------------------------------------------------------------------

@@ -5,9 +5,10 @@ checkpoints, resume, graceful stop and DDP.
     result = train(TrainConfig(preset="tiny", data="stories.txt", max_steps=300, out="checkpoints/run"))
 
 A run folder holds `run.json` (the TrainConfig, every default resolved), `metrics.jsonl` (one JSON
-record per line: `kind` is "preparing", "start", "train", "sample", "end" or "error"), `loss.png`,
-`latest/` (a checkpoint plus `training_state.safetensors` / `training_state.json`: optimizer
-moments, RNG and sampler states, counters) and `best/` (the weights with the best validation loss).
+record per line: `kind` is "preparing", "start", "train", "sample", "end" or "error"), `latest/`
+(a checkpoint plus `training_state.safetensors` / `training_state.json`: optimizer moments, RNG and
+sampler states, counters) and `best/` (the weights with the best validation loss); train.py and the
+background jobs also draw `loss.png` there at every save.
 
 Resuming restores every piece of state that decides the next step, so a run stopped and resumed
 produces exactly the losses of an uninterrupted one (bitwise on CPU). Under `torchrun` the same
@@ -44,7 +45,6 @@ from .tokenizer import load_tokenizer
 
 RUN_CONFIG_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT_FILE = "loss.png"
 STOP_FILE = "STOP"
 LATEST_DIR = "latest"
 BEST_DIR = "best"
@@ -424,22 +424,24 @@ class TrainResult:
     best_val_loss: float | None
     stopped: bool  # True when a stop request ended the run before max_steps
     elapsed_s: float
-    tokens_per_s: float | None
-    checkpoint: Path
+    tokens_per_s: float | None  # mean training throughput of this session (evaluations excluded)
+    checkpoint: Path | None  # None when stopped before anything was trained
 
 
 class StopSignals:
     """Turns SIGINT / SIGTERM into a stop request (finish the step, save, exit); a second SIGINT aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: finishing the current step and saving (Ctrl-C again to abort)", flush=True)
+        if self.announce:
+            print("\nstop requested: finishing the current step and saving (Ctrl-C again to abort)", flush=True)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignals]:
@@ -467,8 +469,11 @@ class Trainer:
         stop_event: threading.Event | None,
         progress: bool,
         signals: StopSignals,
+        on_save: Callable[[Path], None] | None = None,
     ) -> None:
         self.dist = dist_info
+        self.on_save = on_save
+        self.control_group = dist.new_group(backend="gloo") if dist_info.enabled else None
         self.device = resolve_device(config.device, dist_info.local_rank)
         self.config = self._agreed(resolve_config(config, self.device, dist_info.world_size))
         self.run_dir = Path(self.config.out)
@@ -484,7 +489,9 @@ class Trainer:
         self.start_step = 0
         self.elapsed_before = 0.0  # seconds trained by earlier sessions of this run
         self.session_start = self.interval_start = time.perf_counter()
-        self.tokens_per_s: float | None = None
+        self.tokens_per_s: float | None = None  # of the last logged interval
+        self.session_train_seconds = 0.0  # time in training steps (evaluations excluded) in this session
+        self.session_train_tokens = 0
         self.bar: Any = None
         self.folder_ready = False
         self.best_val_loss: float | None = None
@@ -556,7 +563,10 @@ class Trainer:
             data.train, c.batch_size, c.context_length, c.seed, self.dist.rank, self.dist.world_size, self.device
         )
         self.val_tokens = data.val
-        self.eval_starts = eval_window_starts(data.val, c.batch_size, c.context_length, c.eval_batches)
+        # eval_batches global batches, dealt out to the ranks: the same windows for any number of ranks
+        self.eval_starts = eval_window_starts(
+            data.val, c.batch_size, c.context_length, c.eval_batches * self.dist.world_size
+        )
         self.eval_length = min(c.context_length, data.val.size - 1)
 
         self.model_config = c.model_config()
@@ -653,20 +663,17 @@ class Trainer:
 
     def save_latest(self) -> Path:
         """The resumable checkpoint, written atomically (a crash mid-save keeps the previous one)."""
-        tensors, scalars = self.state_files()  # every rank takes part (the loss .item())
         folder = self.run_dir / LATEST_DIR
-        if self.dist.is_main:
-            with atomic_directory(folder) as tmp:
-                write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
-                save_file(tensors, str(tmp / STATE_TENSORS_FILE))
-                write_json(tmp / STATE_JSON_FILE, scalars)
-            self.write_plot()
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return folder
+        tensors, scalars = self.state_files()
+        with atomic_directory(folder) as tmp:
+            write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
+            save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+            write_json(tmp / STATE_JSON_FILE, scalars)
+        if self.on_save is not None:
+            self.on_save(self.run_dir)
         return folder
-
-    def write_plot(self) -> None:
-        from .plots import save_loss_plot  # matplotlib only where a plot is drawn
-
-        save_loss_plot(read_metrics(self.run_dir), self.run_dir / LOSS_PLOT_FILE, title=self.run_dir.name)
 
     def emit(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -688,8 +695,9 @@ class Trainer:
         local = self.stop_requested_locally()
         if not self.dist.enabled:
             return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        # agreed over a CPU (gloo) group: no GPU synchronisation per step
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(flag.item())
 
     # -- one step, evaluation, sample --
@@ -765,6 +773,8 @@ class Trainer:
         train_loss_value = float(train_loss.item())  # synchronises: the interval's work is done
         seconds = max(time.perf_counter() - self.interval_start, 1e-9)
         self.tokens_per_s = self.interval_steps * self.tokens_per_step / seconds
+        self.session_train_seconds += seconds
+        self.session_train_tokens += self.interval_steps * self.tokens_per_step
         self.last_train_loss = train_loss_value
         self.interval_loss.zero_()
         self.interval_steps = 0
@@ -796,7 +806,13 @@ class Trainer:
     def run(self) -> TrainResult:
         c = self.config
         self._on_main(self.prepare_run_folder)
-        self.build()
+        try:
+            self.build()
+        except InterruptedError:  # stopped while the data was being prepared: nothing trained, nothing to save
+            step = self._saved_step() if self.dist.is_main else 0
+            self.emit({"kind": "end", "reason": "stopped", "step": step, "tokens": 0, "checkpoint": None,
+                       "elapsed_s": 0.0, "time": time.time()})
+            return TrainResult(self.run_dir, step, c.max_steps, 0, None, None, None, True, 0.0, None, None)
         self.start_step = self.step
         self.emit({
             "kind": "start", "step": self.step, "max_steps": c.max_steps,
@@ -841,7 +857,8 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, step=self.step, max_steps=c.max_steps, tokens=self.step * self.tokens_per_step,
             train_loss=self.last_train_loss, val_loss=self.last_val_loss, best_val_loss=self.best_val_loss,
-            stopped=stopped, elapsed_s=self.elapsed(), tokens_per_s=self.tokens_per_s, checkpoint=checkpoint,
+            stopped=stopped, elapsed_s=self.elapsed(), checkpoint=checkpoint,
+            tokens_per_s=self.session_train_tokens / self.session_train_seconds if self.session_train_seconds else None,
         )
 
 
@@ -850,12 +867,14 @@ def train(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     stop_event: threading.Event | None = None,
     progress: bool = False,
+    on_save: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train (or resume, with `config.resume`) a model; returns when finished or stopped.
 
-    `on_metrics` receives every record written to metrics.jsonl. A stop request (`stop_event`, a
-    `STOP` file in the run folder, SIGINT or SIGTERM) finishes the current step, saves and returns.
-    Under torchrun (WORLD_SIZE > 1) this joins the process group and trains with DDP.
+    `on_metrics` receives every record written to metrics.jsonl; `on_save(run_dir)` runs after each
+    save of `latest/` (train.py draws `loss.png` there). A stop request (`stop_event`, a `STOP` file
+    in the run folder, SIGINT or SIGTERM) finishes the current step, saves and returns. Under torchrun
+    (WORLD_SIZE > 1) this joins the process group and trains with DDP; rank 0 alone writes.
     """
     dist_info = distributed_from_env()
     own_group = dist_info.enabled and not dist.is_initialized()
@@ -864,11 +883,11 @@ def train(
         if want_cuda:
             torch.cuda.set_device(dist_info.local_rank)
         dist.init_process_group("nccl" if want_cuda else "gloo")
-    signals = StopSignals()
+    signals = StopSignals(announce=dist_info.is_main)
     trainer = None
     try:
         with signals.installed():
-            trainer = Trainer(config, dist_info, on_metrics, stop_event, progress, signals)
+            trainer = Trainer(config, dist_info, on_metrics, stop_event, progress, signals, on_save)
             if trainer.device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_STORIES = REPO / ".." / "shared" / "data" / "tinystories"
 
@@ -52,6 +54,12 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+# One intra-op thread in the tests and their subprocesses: on a small shared machine, OpenMP threads
+# that spin-wait for a descheduled sibling make a step many times slower; one thread degrades gently.
+THREADS = "1"
+torch.set_num_threads(int(THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)  # for workers that inherit the environment
+
 
 def stories_file(folder: Path, count: int = 300) -> Path:
     """`folder/stories.txt` with `count` synthetic stories (written once, so its cache key stays put)."""
@@ -74,7 +82,8 @@ def quick_config(tmp_path: Path, data: Path, **overrides: Any) -> Any:
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=THREADS)
     return env
 
 
