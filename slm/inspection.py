@@ -140,9 +140,17 @@ def inspect_ids(
     targets = torch.tensor(ids[1:], dtype=torch.long, device=log_probs.device)
     seen = log_probs[:-1].gather(-1, targets[:, None]).squeeze(-1).exp().tolist()
     entropies = _entropy(log_probs).tolist()
-    probs = log_probs.exp()
+    top = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1)  # every position at once
+    top_ids, top_probs = top.indices.tolist(), top.values.exp().tolist()
     next_tokens = [
-        NextTokenView(position=t, candidates=_candidates(tokenizer, probs[t], top_k), entropy=entropies[t])
+        NextTokenView(
+            position=t,
+            candidates=[
+                Candidate(i, text, p)
+                for i, text, p in zip(top_ids[t], tokenizer.token_strings(top_ids[t]), top_probs[t], strict=True)
+            ],
+            entropy=entropies[t],
+        )
         for t in range(len(ids))
     ]
     return Inspection(
