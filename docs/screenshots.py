@@ -1,0 +1,138 @@
+"""Take the README's screenshots from the real app: one PNG per tab.
+
+    python docs/screenshots.py --checkpoints /tmp/shots/checkpoints --data-dir /tmp/shots/data
+
+Serves the playground in-process, drives it with Playwright and Debian's Chromium, and writes
+docs/<tab>.png. The Train shot resumes a trained run (--resume-run) or starts one on the
+first text file in the data folder, and stops it after the shot. The PNGs are reduced to a
+256-colour palette to stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from slm.jobs import TrainingManager  # noqa: E402
+from ui import build_app, launch_options  # noqa: E402
+from ui.common import AppSettings  # noqa: E402
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+    "One day, she saw a big red ball under a tree. Lily ran to the ball and picked it up. "
+    "She was very happy and played with the ball all day. When the sun went down, Lily went home "
+    "and told her mom about the ball. Her mom smiled and gave her a big hug."
+)
+
+
+def save(page, path: Path) -> None:
+    png = page.screenshot(full_page=True)
+    image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    image.save(path, optimize=True)
+    print(f"{path}: {path.stat().st_size / 1024:.0f} KB")
+
+
+def wait_until_still(page, selectors: list[str], seconds: float = 3.0) -> None:
+    """Wait until the texts in `selectors` stop changing (streamed outputs have finished)."""
+    last, still_since = None, None
+    while True:
+        now = [page.locator(sel).input_value() for sel in selectors]
+        if now != last:
+            last, still_since = now, page.evaluate("performance.now()")
+        elif page.evaluate("performance.now()") - still_since > seconds * 1000:
+            return
+        page.wait_for_timeout(250)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--train-steps", type=int, default=2000, help="steps of the run the Train shot shows")
+    parser.add_argument("--resume-run", help="resume this run (a folder in --checkpoints) instead of starting one")
+    parser.add_argument("--shot-at-step", type=int, default=100, help="take the Train shot once the run logs this step")
+    args = parser.parse_args()
+
+    settings = AppSettings(args.checkpoints.resolve(), args.data_dir.resolve(), torch.device("cpu"), torch.float32)
+    manager = TrainingManager(runs_root=settings.checkpoints_dir)
+    demo = build_app(settings, manager)
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_options())
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(600_000)
+            page.goto(url)
+            page.wait_for_selector("#generate-button")
+
+            page.locator("#generate-prompt textarea").fill("Once upon a time, there was a little dog named")
+            page.click("#generate-button")
+            page.locator("#generate-stats").get_by_text("done").wait_for()
+            page.click("#compare-button")
+            wait_until_still(page, ["#greedy-output textarea", "#sampled-output textarea"])
+            save(page, args.out / "generate.png")
+
+            page.get_by_role("tab", name="Step by step").click()
+            page.locator("#step-chart img").wait_for()
+            for _ in range(3):
+                page.click("#step-sample")
+                page.wait_for_timeout(1500)
+            page.locator("#step-choice label").nth(1).click()
+            page.click("#step-pick")
+            page.locator("#step-info").get_by_text("4 tokens added").wait_for()
+            page.wait_for_timeout(1000)
+            save(page, args.out / "step-by-step.png")
+
+            page.get_by_role("tab", name="Inspect").click()
+            page.locator("#inspect-text textarea").fill(STORY)
+            page.click("#inspect-button")
+            page.locator("#inspect-grid img").wait_for()
+            page.locator("#inspect-tokens").get_by_text(" ball").first.click()
+            page.get_by_text(re.compile(r"After .* ball")).first.wait_for()
+            page.wait_for_timeout(2000)
+            save(page, args.out / "inspect.png")
+
+            page.get_by_role("tab", name="Train").click()
+            if args.resume_run:  # continue a trained run a few steps: its whole loss history is on the plot
+                page.locator("#train-steps input").fill(str(args.train_steps))
+                page.locator("#train-run input").fill(args.resume_run)
+                page.locator("#train-run input").press("Enter")
+                page.click("#train-resume")
+            else:
+                page.get_by_text("A file in the data folder").click()
+                page.locator("#train-steps input").fill(str(args.train_steps))
+                page.click("#train-start")
+            page.locator("#train-status").get_by_text(re.compile(r"running · run")).wait_for()
+            page.locator("#train-status").get_by_text(  # the run has logged in this session
+                re.compile(rf"step {args.shot_at_step:,} / ")
+            ).wait_for(timeout=1_800_000)
+            page.wait_for_function(
+                "document.querySelector('#train-sample textarea').value.length > 50", timeout=1_800_000
+            )
+            page.wait_for_timeout(3000)
+            save(page, args.out / "train.png")
+            browser.close()
+    finally:
+        if manager.stop():
+            manager.wait(timeout=120)
+        demo.close()
+
+
+if __name__ == "__main__":
+    main()

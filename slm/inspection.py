@@ -1,0 +1,245 @@
+"""What the model sees and predicts, as plain data: token probabilities, next-token candidates,
+entropy, attention maps, a logit lens, and the next-token distribution before and after sampling
+filters.
+
+Everything here is computed from one forward pass (`model.trace`) or a direct call of the model and
+returned as dataclasses of Python numbers and numpy arrays, so that the playground, the plots and
+the tests all read the same numbers and nothing here knows about a user interface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import SLIDING
+from .model import Gemma3LM
+from .sampling import next_token_probabilities
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Candidate:
+    """One possible next token and the probability the model gives it."""
+
+    token_id: int
+    text: str  # display string (`Tokenizer.token_strings`)
+    probability: float
+
+
+@dataclass
+class NextTokenView:
+    """The model's distribution for the token after `position`."""
+
+    position: int
+    candidates: list[Candidate]  # most likely first
+    entropy: float  # in nats, of the full distribution
+
+    @property
+    def effective_choices(self) -> float:
+        """exp(entropy): how many equally likely tokens would be this uncertain."""
+        return math.exp(self.entropy)
+
+
+@dataclass
+class Inspection:
+    """One text as the model sees it."""
+
+    token_ids: list[int]
+    tokens: list[str]  # display strings, one per token
+    token_probabilities: list[float | None]  # p(token i | tokens < i); None for position 0
+    next_tokens: list[NextTokenView]  # one per position: what the model expects next
+    attentions: list[np.ndarray]  # per layer, fp32 (heads, T, T); row = query, column = key
+    layer_types: list[str]  # "sliding_attention" / "full_attention", per layer
+    sliding_window: int
+    hidden_states: torch.Tensor = field(repr=False)  # (layers + 1, T, hidden) on CPU: the logit lens reads these
+    dropped_tokens: int = 0  # tokens cut from the start to fit the length limit
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of a layer (None for a global layer)."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+
+@dataclass
+class LensRow:
+    """The most likely next tokens read out of the residual stream at one depth."""
+
+    depth: int  # 0 = the embeddings, i = after layer i
+    label: str
+    candidates: list[Candidate]
+
+
+@dataclass
+class SamplingCandidate:
+    """A token's probability under the model, and after temperature / top-k / top-p."""
+
+    token_id: int
+    text: str
+    probability: float  # softmax of the raw logits
+    sampling_probability: float  # what the sampler actually draws from (0 when filtered out)
+
+
+@dataclass
+class SamplingView:
+    """The next-token distribution before and after the sampling settings, for teaching."""
+
+    candidates: list[SamplingCandidate]  # the most likely tokens under the model, most likely first
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    entropy: float  # nats, raw distribution
+    sampling_entropy: float  # nats, after the settings
+    tokens_kept: int  # how many tokens still have a non-zero chance
+
+
+def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats along the last axis; tokens with zero probability contribute nothing."""
+    probs = log_probs.exp()
+    return -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
+def _candidates(tokenizer: Tokenizer, probs: torch.Tensor, k: int) -> list[Candidate]:
+    values, ids = torch.topk(probs, min(k, probs.shape[-1]))
+    texts = tokenizer.token_strings(ids.tolist())
+    return [Candidate(int(i), t, float(p)) for i, t, p in zip(ids.tolist(), texts, values.tolist(), strict=True)]
+
+
+def fit_to_length(ids: Sequence[int], max_tokens: int) -> tuple[list[int], int]:
+    """Keep the last `max_tokens` ids (the most recent context matters most); also return how many were dropped."""
+    ids = list(ids)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    dropped = max(0, len(ids) - max_tokens)
+    return ids[dropped:], dropped
+
+
+def inspect_ids(
+    model: Gemma3LM, tokenizer: Tokenizer, ids: Sequence[int], top_k: int = 10, max_tokens: int | None = None
+) -> Inspection:
+    """Run the model once over `ids` and collect everything the Inspect view shows.
+
+    Texts longer than `max_tokens` (default: the model's context length) keep their last tokens.
+    """
+    limit = min(max_tokens or model.config.context_length, model.config.context_length)
+    ids, dropped = fit_to_length(ids, limit)
+    if not ids:
+        raise ValueError("there is no token to inspect: the text is empty")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        trace = model.trace(input_ids)
+        log_probs = torch.log_softmax(trace.logits[0].float(), dim=-1)  # (T, V)
+    targets = torch.tensor(ids[1:], dtype=torch.long, device=log_probs.device)
+    seen = log_probs[:-1].gather(-1, targets[:, None]).squeeze(-1).exp().tolist()
+    entropies = _entropy(log_probs).tolist()
+    top = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1)  # every position at once
+    top_ids, top_probs = top.indices.tolist(), top.values.exp().tolist()
+    next_tokens = [
+        NextTokenView(
+            position=t,
+            candidates=[
+                Candidate(i, text, p)
+                for i, text, p in zip(top_ids[t], tokenizer.token_strings(top_ids[t]), top_probs[t], strict=True)
+            ],
+            entropy=entropies[t],
+        )
+        for t in range(len(ids))
+    ]
+    return Inspection(
+        token_ids=ids,
+        tokens=tokenizer.token_strings(ids),
+        token_probabilities=[None, *seen],
+        next_tokens=next_tokens,
+        attentions=[a[0].float().cpu().numpy() for a in trace.attentions],
+        layer_types=list(model.config.layer_types),
+        sliding_window=model.config.sliding_window,
+        hidden_states=torch.stack([h[0] for h in trace.hidden_states]).cpu(),
+        dropped_tokens=dropped,
+    )
+
+
+def inspect_text(
+    model: Gemma3LM, tokenizer: Tokenizer, text: str, top_k: int = 10, max_tokens: int | None = None
+) -> Inspection:
+    """`inspect_ids` for a text (a literal `<|endoftext|>` becomes the end-of-text token)."""
+    return inspect_ids(model, tokenizer, tokenizer.encode(text), top_k=top_k, max_tokens=max_tokens)
+
+
+def depth_label(depth: int, layer_types: Sequence[str]) -> str:
+    """'embeddings' for depth 0, else 'layer i (sliding|global)'."""
+    if depth == 0:
+        return "embeddings"
+    kind = "sliding" if layer_types[depth - 1] == SLIDING else "global"
+    return f"layer {depth} ({kind})"
+
+
+def logit_lens(
+    model: Gemma3LM, tokenizer: Tokenizer, inspection: Inspection, position: int, top_k: int = 3
+) -> list[LensRow]:
+    """The next-token prediction at `position` read out after every layer.
+
+    Each residual-stream state goes through the model's own final norm and output head, the way the
+    last layer's output does; the last row is therefore exactly the model's prediction.
+    """
+    if not 0 <= position < len(inspection):
+        raise ValueError(f"position must be in [0, {len(inspection) - 1}], got {position}")
+    states = inspection.hidden_states[:, position].to(device=model.device, dtype=model.dtype)  # (L+1, D)
+    with torch.inference_mode():
+        probs = torch.softmax(model.logits(model.norm(states)).float(), dim=-1)
+    return [
+        LensRow(d, depth_label(d, inspection.layer_types), _candidates(tokenizer, probs[d], top_k))
+        for d in range(probs.shape[0])
+    ]
+
+
+def next_token_logits(model: Gemma3LM, ids: Sequence[int]) -> torch.Tensor:
+    """fp32 logits (vocab,) for the token after `ids`, which are cut to the context length from the left."""
+    ids, _ = fit_to_length(ids, model.config.context_length)
+    if not ids:
+        raise ValueError("need at least one token to predict the next one")
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], dtype=torch.long, device=model.device), last_only=True)
+    return logits[0, -1].float()
+
+
+def sampling_view(
+    logits: torch.Tensor,
+    tokenizer: Tokenizer,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    count: int = 10,
+) -> SamplingView:
+    """The `count` most likely next tokens with their probability before and after the sampling settings.
+
+    Temperature, top-k and top-p never reorder tokens, so the model's top tokens are also the
+    sampler's; the filtered ones show a sampling probability of 0.
+    """
+    logits = logits.float()
+    raw_log_probs = torch.log_softmax(logits, dim=-1)
+    processed = next_token_probabilities(logits, temperature, top_k, top_p)
+    top = torch.topk(raw_log_probs, min(count, logits.shape[-1]))
+    ids = top.indices.tolist()
+    texts = tokenizer.token_strings(ids)
+    candidates = [
+        SamplingCandidate(i, t, math.exp(lp), float(processed[i]))
+        for i, t, lp in zip(ids, texts, top.values.tolist(), strict=True)
+    ]
+    processed_log = torch.log(processed)
+    return SamplingView(
+        candidates=candidates,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        entropy=float(_entropy(raw_log_probs)),
+        sampling_entropy=float(_entropy(processed_log)),
+        tokens_kept=int((processed > 0).sum()),
+    )

@@ -1,0 +1,912 @@
+"""The training loop: optimizer, schedule, accumulation, mixed precision, evaluation, metrics,
+checkpoints, resume, graceful stop and DDP.
+
+    from slm.training import TrainConfig, train
+    result = train(TrainConfig(preset="tiny", data="stories.txt", max_steps=300, out="checkpoints/run"))
+
+A run folder holds `run.json` (the TrainConfig, every default resolved), `metrics.jsonl` (one JSON
+record per line: `kind` is "preparing", "start", "train", "sample", "end" or "error"), `latest/`
+(a checkpoint plus `training_state.safetensors` / `training_state.json`: optimizer moments, RNG and
+sampler states, counters) and `best/` (the weights with the best validation loss); train.py and the
+background jobs also draw `loss.png` there at every save.
+
+Resuming restores every piece of state that decides the next step, so a run stopped and resumed
+produces exactly the losses of an uninterrupted one (bitwise on CPU). Under `torchrun` the same
+entry point trains with DistributedDataParallel; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import atomic_directory, read_json, read_safetensors, save_checkpoint, write_json, write_model_files
+from .config import PRESETS, ModelConfig, count_parameters, preset
+from .data import DEFAULT_DATASET, BatchSampler, DataSpec, eval_window_starts, gather_windows, prepare_data
+from .flops import device_peak_flops, mfu, training_flops_per_token
+from .model import Gemma3LM, build_model
+from .sampling import generate
+from .tokenizer import load_tokenizer
+
+RUN_CONFIG_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+STOP_FILE = "STOP"
+LATEST_DIR = "latest"
+BEST_DIR = "best"
+STATE_TENSORS_FILE = "training_state.safetensors"
+STATE_JSON_FILE = "training_state.json"
+STATE_FORMAT = 1
+SAMPLE_PROMPT = "Once upon a time"
+DEFAULT_MAX_STEPS = 2000
+OPTIMIZERS = ("adamw", "muon")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. `None` fields are resolved when the run starts
+    (and stored resolved in `run.json`, so a resumed run uses the same values)."""
+
+    # model: a preset, optional ModelConfig field overrides, and the training context length
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None  # None: the preset's
+    # data (see slm.data.DataSpec)
+    data: str = DEFAULT_DATASET
+    val_data: str | None = None
+    max_stories: int | None = None
+    text_field: str = "text"
+    val_fraction: float = 0.01
+    cache_dir: str = ".cache/slm-data"
+    # length of the run: steps, or tokens (converted to steps)
+    max_steps: int | None = None  # None: from max_tokens, else DEFAULT_MAX_STEPS
+    max_tokens: int | None = None
+    # batch: batch_size sequences per device per micro-step, grad_accum micro-steps per optimizer step
+    batch_size: int | None = None  # None: 8 on CPU, 32 on a GPU
+    grad_accum: int = 1
+    # optimizer and schedule: linear warmup to lr, cosine decay to min_lr at the last step
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the blocks' matrices, AdamW for the rest)
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
+    weight_decay: float = 0.1  # matrices only; norms are never decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    # cadence
+    log_every: int = 10
+    eval_every: int | None = None  # None: a tenth of the run
+    eval_batches: int = 8
+    save_every: int | None = None  # None: at every evaluation
+    sample_tokens: int = 64  # length of the sample story written at each evaluation (0: none)
+    # where and how
+    out: str | None = None  # the run folder; None: checkpoints/<preset>-<date>-<time>
+    seed: int = 1337
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU), "fp32", ...
+    compile: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message for values a run cannot use."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        positive = ["grad_accum", "log_every", "eval_batches"]
+        optional_positive = [
+            "context_length", "max_steps", "max_tokens", "batch_size", "eval_every", "save_every", "max_stories",
+        ]
+        for name in positive + optional_positive:
+            value = getattr(self, name)
+            if value is None and name in optional_positive:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.min_lr is not None and not (0 <= self.min_lr < self.lr):
+            raise ValueError(f"min_lr must be at least 0 and below lr ({self.lr}), got {self.min_lr!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
+
+    def model_config(self) -> ModelConfig:
+        overrides = dict(self.model)
+        if self.context_length is not None:
+            overrides["context_length"] = self.context_length
+        return preset(self.preset, **overrides)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.data, self.max_stories, self.text_field, self.val_fraction, self.val_data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_json(Path(path).read_text())
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The config of an existing run, marked to resume, with non-None `overrides` applied."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {RUN_CONFIG_FILE}")
+    data = json.loads(path.read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("max_tokens") is not None and overrides.get("max_steps") is None:
+        data["max_steps"] = None  # recompute the steps from the new token budget
+    data["out"], data["resume"] = str(run_dir), True
+    return TrainConfig.from_dict(data)
+
+
+# ----- schedule ------------------------------------------------------------------------------------
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup_steps` steps up to
+    `lr`, then a cosine from `lr` at step `warmup_steps` down to `min_lr` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max_steps - 1 - warmup_steps
+    if decay_steps <= 0:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ----- devices, precision, distribution ------------------------------------------------------------
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    """The process's place in a torchrun job (a single process when not launched by torchrun)."""
+    return Distributed(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). Weights always stay fp32: they are the master copy."""
+    dtype = DTYPES[requested]
+    if dtype is None:  # auto
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if dtype == torch.float32 else dtype
+
+
+def describe_device(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = f"CPU ({torch.get_num_threads()} threads)"
+    else:
+        name = device.type.upper()
+    return f"{name} x{world_size}" if world_size > 1 else name
+
+
+def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
+    """Fill every `None` default; the result is what run.json stores."""
+    c = dataclasses.replace(config, model=dict(config.model))
+    if c.context_length is None:
+        c.context_length = c.model_config().context_length
+    if c.batch_size is None:
+        c.batch_size = 32 if device.type == "cuda" else 8
+    if c.max_steps is None:
+        tokens_per_step = c.batch_size * c.grad_accum * c.context_length * world_size
+        c.max_steps = math.ceil(c.max_tokens / tokens_per_step) if c.max_tokens else DEFAULT_MAX_STEPS
+    if c.min_lr is None:
+        c.min_lr = c.lr / 10
+    if c.warmup_steps is None:
+        c.warmup_steps = min(1000, max(10, c.max_steps // 20))
+    if c.eval_every is None:
+        c.eval_every = max(1, c.max_steps // 10)
+    if c.save_every is None:
+        c.save_every = c.eval_every
+    if c.out is None:
+        c.out = str(Path("checkpoints") / f"{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    c.validate()
+    return c
+
+
+# ----- optimizer -----------------------------------------------------------------------------------
+def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW (fused on CUDA) with weight decay on matrices only; with `optimizer="muon"`, Muon takes
+    the 2-D matrices inside the blocks and AdamW the embedding and norms.
+
+    Every parameter group remembers its peak learning rate as `base_lr`; the schedule scales it.
+    """
+    named = list(model.named_parameters())
+    muon_params = []
+    if config.optimizer == "muon":
+        muon_params = [p for n, p in named if p.ndim == 2 and n.startswith("layers.")]
+    taken = {id(p) for p in muon_params}
+    rest = [p for _, p in named if id(p) not in taken]
+    groups = [
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = config.lr
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(
+            groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
+            fused=True if device.type == "cuda" else None,
+        )
+    ]
+    if muon_params:
+        # "match_rms_adamw" scales each update to AdamW's RMS, so one learning rate serves both.
+        muon = torch.optim.Muon(
+            muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        for g in muon.param_groups:
+            g["base_lr"] = config.lr
+        optimizers.append(muon)
+    return optimizers
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+class LossModule(nn.Module):
+    """Routes `forward` to `model.loss`, so DDP's hooks and torch.compile see the loss computation."""
+
+    def __init__(self, model: Gemma3LM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(inputs, targets)
+
+
+# ----- training state on disk ----------------------------------------------------------------------
+def _tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def optimizer_state_to_files(
+    optimizers: list[torch.optim.Optimizer],
+) -> tuple[dict[str, torch.Tensor], list[list[dict[str, Any]]]]:
+    """Optimizer state as flat safetensors tensors plus JSON-able parameter groups."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups: list[list[dict[str, Any]]] = []
+    for k, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()
+        for param_id, values in state["state"].items():
+            for name, value in values.items():
+                tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"optimizer.{k}.{param_id}.{name}"] = tensor.detach().to("cpu").contiguous()
+        groups.append([{k2: list(v) if isinstance(v, tuple) else v for k2, v in g.items()}
+                       for g in state["param_groups"]])
+    return tensors, groups
+
+
+def optimizer_state_from_files(
+    optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], groups: list[list[dict[str, Any]]]
+) -> None:
+    if len(groups) != len(optimizers):
+        raise ValueError(
+            f"the saved training state has {len(groups)} optimizer(s), this run builds {len(optimizers)}: "
+            "was the optimizer changed?"
+        )
+    for k, optimizer in enumerate(optimizers):
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"optimizer.{k}."
+        for key, tensor in tensors.items():
+            if key.startswith(prefix):
+                param_id, name = key[len(prefix):].split(".", 1)
+                state.setdefault(int(param_id), {})[name] = tensor
+        param_groups = [{name: _tuples(v) if name != "params" else v for name, v in g.items()} for g in groups[k]]
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# ----- metrics -------------------------------------------------------------------------------------
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a run's metrics.jsonl (a half-written last line is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after `step` (by a run that crashed after its last save)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf  # drop damaged lines
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    max_steps: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    stopped: bool  # True when a stop request ended the run before max_steps
+    elapsed_s: float
+    tokens_per_s: float | None  # mean training throughput of this session (evaluations excluded)
+    checkpoint: Path | None  # None when stopped before anything was trained
+
+
+class StopSignals:
+    """Turns SIGINT / SIGTERM into a stop request (finish the step, save, exit); a second SIGINT aborts."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.requested = False
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nstop requested: finishing the current step and saving (Ctrl-C again to abort)", flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+# ----- the loop ------------------------------------------------------------------------------------
+class Trainer:
+    """One training run. `train()` is the entry point; this class keeps its pieces in one place."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dist_info: Distributed,
+        on_metrics: Callable[[dict[str, Any]], None] | None,
+        stop_event: threading.Event | None,
+        progress: bool,
+        signals: StopSignals,
+        on_save: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.dist = dist_info
+        self.on_save = on_save
+        self.control_group = dist.new_group(backend="gloo") if dist_info.enabled else None
+        self.device = resolve_device(config.device, dist_info.local_rank)
+        self.config = self._agreed(resolve_config(config, self.device, dist_info.world_size))
+        self.run_dir = Path(self.config.out)
+        self.on_metrics = on_metrics
+        self.stop_event = stop_event
+        self.progress = progress and dist_info.is_main
+        self.signals = signals
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.amp_dtype = autocast_dtype(self.config.dtype, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        # counters that a resume restores
+        self.step = 0
+        self.start_step = 0
+        self.elapsed_before = 0.0  # seconds trained by earlier sessions of this run
+        self.session_start = self.interval_start = time.perf_counter()
+        self.tokens_per_s: float | None = None  # of the last logged interval
+        self.session_train_seconds = 0.0  # time in training steps (evaluations excluded) in this session
+        self.session_train_tokens = 0
+        self.bar: Any = None
+        self.folder_ready = False
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_train_loss: float | None = None
+        self.interval_loss = torch.zeros((), device=self.device)
+        self.interval_steps = 0
+
+    # -- set-up --
+    def _agreed(self, config: TrainConfig) -> TrainConfig:
+        """Every rank uses rank 0's resolved config (its run folder name has rank 0's timestamp)."""
+        if not self.dist.enabled:
+            return config
+        box = [config.to_dict()]
+        dist.broadcast_object_list(box, src=0)
+        return TrainConfig.from_dict(box[0])
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 and hand its result (or its error) to every rank."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except Exception as exc:
+                error = exc
+        if self.dist.enabled:
+            box = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                raise RuntimeError(f"rank 0 failed: {box[0]}")
+        if error is not None:
+            raise error
+        return result
+
+    def prepare_run_folder(self) -> None:
+        c = self.config
+        latest = self.run_dir / LATEST_DIR
+        if c.resume:
+            if not (latest / STATE_JSON_FILE).is_file():
+                raise FileNotFoundError(
+                    f"nothing to resume in {self.run_dir}: it has no {LATEST_DIR}/{STATE_JSON_FILE}"
+                )
+        elif latest.exists() or self.metrics_path.exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; resume it (--resume) or choose another --out"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        c.save(self.run_dir / RUN_CONFIG_FILE)
+        if c.resume:
+            _truncate_metrics(self.metrics_path, read_json(latest / STATE_JSON_FILE)["step"])
+        self.folder_ready = True
+        self.emit({"kind": "preparing", "step": self._saved_step(), "time": time.time()})
+
+    def _saved_step(self) -> int:
+        path = self.run_dir / LATEST_DIR / STATE_JSON_FILE
+        return int(read_json(path)["step"]) if self.config.resume and path.is_file() else 0
+
+    def build(self) -> None:
+        c = self.config
+        tokenizer = load_tokenizer()
+        self.tokenizer = tokenizer
+        spec = c.data_spec()
+        stop = self.stop_requested_locally
+        self._on_main(lambda: prepare_data(spec, tokenizer, c.cache_dir, progress=self.progress, should_stop=stop))
+        data = prepare_data(spec, tokenizer, c.cache_dir, progress=False)  # every rank opens the cache
+        self.data_meta = data.meta
+        self.sampler = BatchSampler(
+            data.train, c.batch_size, c.context_length, c.seed, self.dist.rank, self.dist.world_size, self.device
+        )
+        self.val_tokens = data.val
+        # eval_batches global batches, dealt out to the ranks: the same windows for any number of ranks
+        self.eval_starts = eval_window_starts(
+            data.val, c.batch_size, c.context_length, c.eval_batches * self.dist.world_size
+        )
+        self.eval_length = min(c.context_length, data.val.size - 1)
+
+        self.model_config = c.model_config()
+        self.model = build_model(self.model_config, device=self.device, seed=c.seed)
+        self.model.train()
+        self.optimizers = build_optimizers(self.model, c, self.device)
+        if c.resume:
+            self.load_state()
+        loss_module: nn.Module = LossModule(self.model)
+        if c.compile:
+            loss_module = torch.compile(loss_module)
+        self.eval_loss_module = loss_module
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
+        self.loss_module = loss_module
+        self.tokens_per_step = c.batch_size * c.grad_accum * c.context_length * self.dist.world_size
+        self.flops_per_token = training_flops_per_token(self.model_config, self.sampler.length)
+        self.peak_flops = device_peak_flops(self.device) if self.amp_dtype is not None else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- state --
+    def state_files(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, groups = optimizer_state_to_files(self.optimizers)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        sampler_state = self.sampler.state_dict()
+        tensors["sampler.generator"] = sampler_state["generator"]
+        scalars = {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "max_steps": self.config.max_steps,
+            "world_size": self.dist.world_size,
+            "elapsed_s": self.elapsed(),
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+            "last_train_loss": self.last_train_loss,
+            "interval_loss": float(self.interval_loss.item()),
+            "interval_steps": self.interval_steps,
+            "sampler_draws": sampler_state["draws"],
+            "optimizer": self.config.optimizer,
+            "param_groups": groups,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        return tensors, scalars
+
+    def load_state(self) -> None:
+        folder = self.run_dir / LATEST_DIR
+        scalars = read_json(folder / STATE_JSON_FILE)
+        if scalars.get("format") != STATE_FORMAT:
+            raise ValueError(f"{folder / STATE_JSON_FILE} has an unknown format {scalars.get('format')!r}")
+        if scalars["optimizer"] != self.config.optimizer:
+            raise ValueError(f"the run was trained with {scalars['optimizer']}; it cannot resume with "
+                             f"{self.config.optimizer}")
+        tensors = read_safetensors(folder / STATE_TENSORS_FILE)
+        weights = read_safetensors(folder / "model.safetensors")
+        if self.model_config.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        self.model.load_export_state_dict(weights)
+        optimizer_state_from_files(self.optimizers, tensors, scalars["param_groups"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.sampler.load_state_dict({"generator": tensors["sampler.generator"], "draws": scalars["sampler_draws"]})
+        if self.scaler is not None and scalars.get("scaler"):
+            self.scaler.load_state_dict(scalars["scaler"])
+        self.step = int(scalars["step"])
+        self.elapsed_before = float(scalars["elapsed_s"])
+        self.best_val_loss = scalars["best_val_loss"]
+        self.last_val_loss = scalars["last_val_loss"]
+        self.last_train_loss = scalars["last_train_loss"]
+        self.interval_loss = torch.tensor(scalars["interval_loss"], dtype=torch.float32, device=self.device)
+        self.interval_steps = int(scalars["interval_steps"])
+
+    def metadata(self, val_loss: float | None) -> dict[str, Any]:
+        c = self.config
+        return {
+            "preset": c.preset if not c.model else None,
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "val_loss": val_loss,
+            "train_loss": self.last_train_loss,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run": self.run_dir.name,
+            "data": c.data,
+            "optimizer": c.optimizer,
+        }
+
+    def save_latest(self) -> Path:
+        """The resumable checkpoint, written atomically (a crash mid-save keeps the previous one)."""
+        folder = self.run_dir / LATEST_DIR
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return folder
+        tensors, scalars = self.state_files()
+        with atomic_directory(folder) as tmp:
+            write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
+            save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+            write_json(tmp / STATE_JSON_FILE, scalars)
+        if self.on_save is not None:
+            self.on_save(self.run_dir)
+        return folder
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.on_metrics is not None:
+            self.on_metrics(record)
+
+    # -- stopping --
+    def stop_requested_locally(self) -> bool:
+        return (
+            self.signals.requested
+            or (self.stop_event is not None and self.stop_event.is_set())
+            or (self.run_dir / STOP_FILE).exists()
+        )
+
+    def stop_requested(self) -> bool:
+        local = self.stop_requested_locally()
+        if not self.dist.enabled:
+            return local
+        # agreed over a CPU (gloo) group: no GPU synchronisation per step
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(flag.item())
+
+    # -- one step, evaluation, sample --
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the gradient norm (before clipping)."""
+        c = self.config
+        for micro in range(c.grad_accum):
+            inputs, targets = self.sampler.next_batch()
+            last = micro == c.grad_accum - 1
+            no_sync = self.loss_module.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    loss = self.loss_module(inputs, targets)
+                scaled = loss / c.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self.interval_loss += loss.detach().float() / c.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
+        set_lr(self.optimizers, lr_at(self.step, 1.0, c.min_lr / c.lr, c.warmup_steps, c.max_steps))
+        for optimizer in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.interval_steps += 1
+        return grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows (split across ranks, then summed)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i, starts in enumerate(self.eval_starts):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
+            inputs, targets = gather_windows(self.val_tokens, starts, self.eval_length, self.device)
+            with self.autocast():
+                total += self.eval_loss_module(inputs, targets).float()
+        if self.dist.enabled:
+            dist.all_reduce(total)
+        self.model.train()
+        return float(total.item()) / len(self.eval_starts)
+
+    def sample(self) -> str:
+        prompt = self.tokenizer.encode(SAMPLE_PROMPT)
+        new = generate(
+            self.model, prompt, max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=50,
+            seed=self.config.seed, stop_token_ids=[self.tokenizer.eot_id],
+        )
+        self.model.train()
+        return SAMPLE_PROMPT + self.tokenizer.decode([t for t in new if t != self.tokenizer.eot_id])
+
+    # -- the run --
+    def elapsed(self) -> float:
+        """Seconds this run has been training, earlier sessions of a resumed run included."""
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def log(self, grad_norm: torch.Tensor, evaluate: bool) -> None:
+        """Write a metrics record for the steps since the last one (and evaluate when asked)."""
+        c = self.config
+        train_loss = self.interval_loss / self.interval_steps
+        if self.dist.enabled:
+            dist.all_reduce(train_loss)  # gloo has no AVG: sum, then divide
+            train_loss = train_loss / self.dist.world_size
+        train_loss_value = float(train_loss.item())  # synchronises: the interval's work is done
+        seconds = max(time.perf_counter() - self.interval_start, 1e-9)
+        self.tokens_per_s = self.interval_steps * self.tokens_per_step / seconds
+        self.session_train_seconds += seconds
+        self.session_train_tokens += self.interval_steps * self.tokens_per_step
+        self.last_train_loss = train_loss_value
+        self.interval_loss.zero_()
+        self.interval_steps = 0
+        val_loss = self.evaluate() if evaluate else None
+        seconds_per_step = (time.perf_counter() - self.session_start) / max(self.step - self.start_step, 1)
+        self.emit({
+            "kind": "train", "step": self.step, "tokens": self.step * self.tokens_per_step,
+            "train_loss": train_loss_value, "val_loss": val_loss,
+            "val_perplexity": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
+            "lr": self.optimizers[0].param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": mfu(self.tokens_per_s, self.flops_per_token, self.peak_flops, self.dist.world_size),
+            "elapsed_s": self.elapsed(), "eta_s": seconds_per_step * (c.max_steps - self.step),
+            "time": time.time(),
+        })
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{train_loss_value:.3f}", tok_s=f"{self.tokens_per_s:,.0f}", refresh=False)
+        if val_loss is None:
+            return
+        self.last_val_loss = val_loss
+        if self.dist.is_main and c.sample_tokens:
+            self.emit({"kind": "sample", "step": self.step, "tokens": self.step * self.tokens_per_step,
+                       "prompt": SAMPLE_PROMPT, "text": self.sample(), "time": time.time()})
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            if self.dist.is_main:
+                save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(val_loss))
+
+    def run(self) -> TrainResult:
+        c = self.config
+        self._on_main(self.prepare_run_folder)
+        try:
+            self.build()
+        except InterruptedError:  # stopped while the data was being prepared: nothing trained, nothing to save
+            step = self._saved_step() if self.dist.is_main else 0
+            self.emit({"kind": "end", "reason": "stopped", "step": step, "tokens": 0, "checkpoint": None,
+                       "elapsed_s": 0.0, "time": time.time()})
+            return TrainResult(self.run_dir, step, c.max_steps, 0, None, None, None, True, 0.0, None, None)
+        self.start_step = self.step
+        self.emit({
+            "kind": "start", "step": self.step, "max_steps": c.max_steps,
+            "tokens": self.step * self.tokens_per_step, "tokens_per_step": self.tokens_per_step,
+            "device": describe_device(self.device, self.dist.world_size), "world_size": self.dist.world_size,
+            "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
+            "parameters": count_parameters(self.model_config).total, "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops, "train_tokens": self.data_meta["train_tokens"],
+            "val_tokens": self.data_meta["val_tokens"], "resumed": c.resume, "time": time.time(),
+        })
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True)
+        self.session_start = self.interval_start = time.perf_counter()
+        stopped = False
+        try:
+            while self.step < c.max_steps:
+                if self.stop_requested():
+                    stopped = True
+                    break
+                grad_norm = self.train_step()
+                if self.bar is not None:
+                    self.bar.update(1)
+                final = self.step == c.max_steps
+                evaluate = self.step % c.eval_every == 0 or final
+                if self.step % c.log_every == 0 or self.step == 1 or evaluate:
+                    self.log(grad_norm, evaluate)
+                if self.step % c.save_every == 0 and not final:
+                    self.save_latest()
+                if self.interval_steps == 0:  # a record was just written: time the next interval from here
+                    self.interval_start = time.perf_counter()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        checkpoint = self.save_latest()
+        reason = "stopped" if stopped else "finished"
+        self.emit({"kind": "end", "reason": reason, "step": self.step, "tokens": self.step * self.tokens_per_step,
+                   "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "time": time.time()})
+        if self.dist.is_main:
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        return TrainResult(
+            run_dir=self.run_dir, step=self.step, max_steps=c.max_steps, tokens=self.step * self.tokens_per_step,
+            train_loss=self.last_train_loss, val_loss=self.last_val_loss, best_val_loss=self.best_val_loss,
+            stopped=stopped, elapsed_s=self.elapsed(), checkpoint=checkpoint,
+            tokens_per_s=self.session_train_tokens / self.session_train_seconds if self.session_train_seconds else None,
+        )
+
+
+def train(
+    config: TrainConfig,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    stop_event: threading.Event | None = None,
+    progress: bool = False,
+    on_save: Callable[[Path], None] | None = None,
+) -> TrainResult:
+    """Train (or resume, with `config.resume`) a model; returns when finished or stopped.
+
+    `on_metrics` receives every record written to metrics.jsonl; `on_save(run_dir)` runs after each
+    save of `latest/` (train.py draws `loss.png` there). A stop request (`stop_event`, a `STOP` file
+    in the run folder, SIGINT or SIGTERM) finishes the current step, saves and returns. Under torchrun
+    (WORLD_SIZE > 1) this joins the process group and trains with DDP; rank 0 alone writes.
+    """
+    dist_info = distributed_from_env()
+    own_group = dist_info.enabled and not dist.is_initialized()
+    if own_group:
+        want_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+        if want_cuda:
+            torch.cuda.set_device(dist_info.local_rank)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    signals = StopSignals(announce=dist_info.is_main)
+    trainer = None
+    try:
+        with signals.installed():
+            trainer = Trainer(config, dist_info, on_metrics, stop_event, progress, signals, on_save)
+            if trainer.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            return trainer.run()
+    except Exception as exc:
+        if trainer is not None and trainer.folder_ready:
+            with contextlib.suppress(OSError):
+                trainer.emit({"kind": "error", "step": trainer.step, "message": error_message(exc),
+                              "time": time.time()})
+        raise
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a user: the message alone for errors we raise on purpose, with the type otherwise."""
+    from .data import DataError
+
+    if isinstance(exc, (DataError, FileNotFoundError, FileExistsError, ValueError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

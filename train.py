@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Train a Gemma 3-style small language model on TinyStories (or your own text).
+
+    python train.py                                   # the tiny preset on TinyStories from the hub
+    python train.py --data stories.txt --max-steps 300
+    python train.py --resume checkpoints/tiny-20250101-120000 --max-steps 600
+    torchrun --nproc_per_node=4 train.py --preset small --max-tokens 500_000_000
+
+Ctrl-C finishes the current step, saves and exits; `--resume RUN` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# flags that may change when a run is resumed; everything else would make it a different run
+RESUMABLE_OVERRIDES = ("max_steps", "max_tokens", "device", "dtype", "compile", "eval_every", "save_every", "log_every")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train a Gemma 3-style language model from scratch (see slm/training.py for every knob).",
+        epilog="Values in [brackets] are the defaults.",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", help="model size: tiny (7.4M), small (56M) or gemma3-270m (132.5M) [tiny]")
+    model.add_argument("--context-length", type=int, help="tokens per training sequence [the preset's]")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="hub dataset name, or a local .txt/.jsonl/.json/.parquet file or folder "
+                      "[roneneldan/TinyStories]")
+    data.add_argument("--val-data", help="separate validation text [hold out 1%% of --data]")
+    data.add_argument("--max-stories", type=int, help="use only the first N stories (streamed from the hub)")
+    data.add_argument("--text-field", help="field holding the text in .jsonl/.json/.parquet/hub data [text]")
+    data.add_argument("--cache-dir", help="where tokenized data is cached [.cache/slm-data]")
+    length = p.add_argument_group("length (one of)").add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps [2000]")
+    length.add_argument("--max-tokens", type=int, help="training tokens, converted to steps")
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--batch-size", type=int, help="sequences per device per micro-step [8 on CPU, 32 on a GPU]")
+    opt.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step [1]")
+    opt.add_argument("--optimizer", choices=["adamw", "muon"], help="[adamw]")
+    opt.add_argument("--lr", type=float, help="peak learning rate [1e-3]")
+    opt.add_argument("--min-lr", type=float, help="learning rate at the last step [lr / 10]")
+    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps]")
+    opt.add_argument("--weight-decay", type=float, help="[0.1]")
+    opt.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off [1.0]")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
+    run.add_argument("--resume", nargs="?", const=True, metavar="RUN",
+                     help="continue the run in RUN (or in --out) from its latest checkpoint")
+    run.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps [auto]")
+    run.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="autocast precision; weights stay fp32 [auto: bf16 or fp16 on GPUs, fp32 on CPU]")
+    run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    run.add_argument("--eval-every", type=int, help="steps between evaluations [a tenth of the run]")
+    run.add_argument("--eval-batches", type=int, help="fixed validation batches per evaluation [8]")
+    run.add_argument("--log-every", type=int, help="steps between metrics records [10]")
+    run.add_argument("--save-every", type=int, help="steps between resumable checkpoints [--eval-every]")
+    run.add_argument("--seed", type=int, help="[1337]")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from slm.training import TrainConfig, resume_config
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "quiet")}
+    if args.resume is None:
+        return TrainConfig(**given)
+    run_dir = args.out if args.resume is True else args.resume
+    if run_dir is None:
+        raise ValueError("--resume needs the run folder: --resume RUN (or --resume --out RUN)")
+    changed = sorted(set(given) - set(RESUMABLE_OVERRIDES) - {"out"})
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise ValueError(f"{flags} cannot change when resuming (the run would no longer be the same run); "
+                         f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE_OVERRIDES)} can")
+    return resume_config(run_dir, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+
+
+def summary(result: Any) -> str:
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    minutes, seconds = divmod(result.elapsed_s, 60)
+    lines = [
+        "",
+        f"{'stopped' if result.stopped else 'finished'} at step {result.step:,}/{result.max_steps:,} "
+        f"({result.tokens:,} tokens) in {int(minutes)}m{seconds:04.1f}s"
+        + (f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""),
+        f"  train loss {loss(result.train_loss)}   val loss {loss(result.val_loss)}   "
+        f"best val loss {loss(result.best_val_loss)}",
+        f"  run folder   {result.run_dir}",
+    ]
+    if result.checkpoint is None:
+        lines.append("  nothing was trained, so nothing was saved")
+        return "\n".join(lines)
+    lines += [
+        f"  checkpoint   {result.checkpoint}   (best: {result.run_dir / 'best'})",
+        f"  loss plot    {result.run_dir / 'loss.png'}",
+    ]
+    if result.stopped or result.step < result.max_steps:
+        lines.append(f"  continue     python train.py --resume {result.run_dir}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from slm.checkpoint import CheckpointError
+    from slm.data import DataError
+    from slm.plots import write_run_loss_plot
+    from slm.training import read_metrics, train
+
+    def draw_loss_plot(run_dir: Path) -> None:
+        write_run_loss_plot(run_dir, read_metrics(run_dir))
+
+    try:
+        config = build_config(args)
+        result = train(config, progress=not args.quiet, on_save=draw_loss_plot)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\naborted without saving; the last saved checkpoint is intact", file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
+        print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""What every tab shares: the app's settings, the folder guard, input checks and error reporting.
+
+Every handler goes through `user_errors`: a problem the user can fix becomes a `gr.Error` with a
+message saying what to do, anything else is logged with its traceback on the server and answered
+with a one-line message. The server never dies of a bad request and never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+
+from slm import CheckpointError
+
+log = logging.getLogger("slm.app")
+
+
+class PathNotAllowed(ValueError):
+    """A path outside the folders the app may read."""
+
+
+@dataclass
+class AppSettings:
+    """Where the app reads and writes, and where its models run."""
+
+    checkpoints_dir: Path
+    data_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        return [self.checkpoints_dir.resolve(), self.data_dir.resolve()]
+
+
+def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA when present (bf16 where the GPU supports it, else fp32); otherwise the CPU in fp32."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, torch.float32
+
+
+def allowed_path(path: str | Path, roots: list[Path], base: Path | None = None) -> Path:
+    """`path` resolved (symlinks followed), if it lies inside one of `roots`; else PathNotAllowed.
+
+    A relative path is taken relative to `base` (default: the first root).
+    """
+    candidate = Path(str(path).strip()).expanduser()
+    if not candidate.is_absolute():
+        candidate = (base or roots[0]) / candidate
+    resolved = candidate.resolve()
+    for root in roots:
+        if resolved == root or resolved.is_relative_to(root):
+            return resolved
+    names = " or ".join(str(r) for r in roots)
+    raise PathNotAllowed(f"{path} is outside the folders this app may read ({names}); it was not opened.")
+
+
+def number(value: Any, name: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """A finite number within bounds, or a gr.Error that names the setting."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+    if math.isnan(value) or math.isinf(value):
+        raise gr.Error(f"{name} must be a finite number, got {value}.")
+    if minimum is not None and value < minimum:
+        raise gr.Error(f"{name} must be at least {minimum:g}, got {value:g}.")
+    if maximum is not None and value > maximum:
+        raise gr.Error(f"{name} must be at most {maximum:g}, got {value:g}.")
+    return value
+
+
+def integer(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    value = number(value, name, minimum, maximum)
+    if not value.is_integer():
+        raise gr.Error(f"{name} must be a whole number, got {value:g}.")
+    return int(value)
+
+
+EXPECTED = (ValueError, CheckpointError, FileNotFoundError, PathNotAllowed)
+
+
+def _as_user_error(exc: Exception) -> gr.Error:
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, EXPECTED):
+        return gr.Error(str(exc))
+    log.exception("unexpected error in a request")
+    return gr.Error(f"Something went wrong ({type(exc).__name__}: {exc}). The server is still running.")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn exceptions into gr.Error messages (works for plain functions and generators)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise _as_user_error(exc) from None
+
+        return generator_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise _as_user_error(exc) from None
+
+    return wrapper
+
+
+def _no_gpu(fn: Callable | None = None, **_: Any) -> Callable:
+    return fn if fn is not None else (lambda f: f)
+
+
+try:  # On a Hugging Face ZeroGPU Space the `spaces` package lends a GPU to decorated calls.
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # everywhere else: a no-op
+    gpu = _no_gpu

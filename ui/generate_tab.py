@@ -1,0 +1,204 @@
+"""Generate tab: streamed generation through the KV cache, and greedy beside sampled."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+import torch
+
+from slm import Gemma3LM, Tokenizer
+from slm.inspection import fit_to_length
+from slm.sampling import stream_generate
+
+from .common import gpu, integer, number, user_errors
+from .models import ModelPicker
+
+DEFAULT_PROMPT = "Once upon a time, there was a little"
+MAX_NEW_TOKENS = 1024
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float  # <= 0: greedy
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def read_settings(max_new_tokens, temperature, top_k, top_p, seed, vocab_size: int) -> SamplingSettings:
+    """Check the sliders (the API can send anything, NaN included) and say clearly what is wrong."""
+    top_k = integer(top_k if top_k is not None else 0, "top-k", 0, vocab_size)
+    top_p = number(top_p if top_p is not None else 1.0, "top-p", 0.0, 1.0)
+    if top_p == 0:
+        raise gr.Error("top-p must be above 0 (1 turns it off): with 0 no token could ever be drawn.")
+    seed = None if seed is None or seed == "" else integer(seed, "seed", -1, 2**63 - 1)
+    return SamplingSettings(
+        max_new_tokens=integer(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
+        temperature=number(temperature, "temperature", None, 100.0),
+        top_k=top_k or None,
+        top_p=top_p if top_p < 1 else None,
+        seed=None if seed is None or seed < 0 else seed,
+    )
+
+
+def prepare_prompt(
+    tokenizer: Tokenizer, model: Gemma3LM, prompt: str, max_new_tokens: int
+) -> tuple[list[int], int, int]:
+    """Prompt ids, the number of new tokens and the number of prompt tokens dropped, fitted into the context.
+
+    Prompt and new tokens must fit into the context together. The prompt keeps up to half of it
+    (its last tokens) and the new tokens get the rest, fewer than asked only when both do not fit.
+    An empty prompt starts a story from the end-of-text token.
+    """
+    context = model.config.context_length
+    ids = tokenizer.encode(prompt or "")
+    if not ids:
+        gr.Warning("The prompt is empty: the model starts a story from scratch (from the end-of-text token).")
+        ids = [tokenizer.eot_id]
+    room = context - min(len(ids), context // 2)
+    if max_new_tokens > room:
+        gr.Warning(f"This model's context holds {context} tokens: generating {room} new tokens, not {max_new_tokens}.")
+        max_new_tokens = room
+    ids, dropped = fit_to_length(ids, context - max_new_tokens)
+    if dropped:
+        gr.Warning(
+            f"The prompt is longer than the room left in the {context}-token context: "
+            f"its first {dropped} tokens were dropped and the last {len(ids)} kept."
+        )
+    return ids, max_new_tokens, dropped
+
+
+CUDA_DECODE_LOCK = threading.Lock()
+
+
+def each_in_inference_mode(tokens: Iterator[int], device: torch.device) -> Iterator[int]:
+    """Advance a `stream_generate` iterator one token at a time, each step inside `torch.inference_mode()`.
+
+    `stream_generate` holds an inference-mode block open across its `yield`s. Gradio may resume a
+    generator on a different worker thread (inference mode is per thread), and "greedy vs sampled"
+    interleaves two generators whose blocks would close out of order; either way the generator's
+    in-place updates of inference tensors would then run outside inference mode and fail. Entering
+    inference mode around every step makes each step self-contained.
+
+    On CUDA the decode step may be a CUDA graph whose output buffer is shared by every caller, so
+    steps of concurrent requests take turns (the lock covers the replay and the copy of its output).
+    """
+    lock = CUDA_DECODE_LOCK if device.type == "cuda" else contextlib.nullcontext()
+    while True:
+        with lock, torch.inference_mode():
+            try:
+                token = next(tokens)
+            except StopIteration:
+                return
+        yield token
+
+
+def stream_text(
+    model: Gemma3LM, tokenizer: Tokenizer, ids: list[int], settings: SamplingSettings, greedy: bool = False
+) -> Iterator[tuple[str, int]]:
+    """(new text so far, tokens so far) after every token; stops at end-of-text."""
+    decoder = tokenizer.stream_decoder()
+    text, count = "", 0
+    tokens = stream_generate(
+        model, ids, settings.max_new_tokens, 0.0 if greedy else settings.temperature,
+        settings.top_k, settings.top_p, settings.seed, stop_token_ids=[tokenizer.eot_id],
+    )
+    for token in each_in_inference_mode(tokens, model.device):
+        count += 1
+        if token == tokenizer.eot_id:
+            break
+        text += decoder.push(token)
+        yield text, count
+    yield text + decoder.flush(), count
+
+
+def speed(count: int, seconds: float, prompt_tokens: int, dropped: int, done: bool) -> str:
+    """The status line under the text (the API returns it too, so it also carries the truncation notice)."""
+    rate = count / seconds if seconds > 0 else 0.0
+    prompt = f"prompt {prompt_tokens} tokens"
+    if dropped:
+        prompt += f" (its first {dropped} tokens dropped to fit the context)"
+    return f"**{count} new tokens** · {rate:.1f} tokens/s · {prompt} · {'done' if done else 'generating…'}"
+
+
+def sampling_controls(max_new_default: int = 120) -> tuple[gr.components.Component, ...]:
+    """Max new tokens, temperature, top-k, top-p and seed: the same five controls in every tab that samples."""
+    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=max_new_default, step=1, label="Max new tokens")
+    temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", info="0 = greedy")
+    top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
+    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.01, label="Top-p", info="1 = off")
+    seed = gr.Number(value=0, precision=0, label="Seed", info="-1 = a different draw every time")
+    return max_new, temperature, top_k, top_p, seed
+
+
+def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
+    registry = picker.registry
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt_box = gr.Textbox(DEFAULT_PROMPT, lines=3, label="Prompt", elem_id="generate-prompt")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                stop = gr.Button("Stop")
+                compare_button = gr.Button("Greedy vs sampled", elem_id="compare-button")
+            output = gr.Textbox(lines=10, label="Text (prompt + generated)", elem_id="generate-output",
+                                elem_classes=["big-text"])
+            stats = gr.Markdown(elem_id="generate-stats")
+        with gr.Column(scale=1):
+            controls = sampling_controls()
+    gr.Markdown("### Greedy beside sampled: the same prompt, the most likely token every time vs a draw")
+    with gr.Row():
+        greedy_out = gr.Textbox(lines=8, label="Greedy (temperature 0)", elem_id="greedy-output",
+                                elem_classes=["big-text"])
+        sampled_out = gr.Textbox(lines=8, label="Sampled (your settings)", elem_id="sampled-output",
+                                 elem_classes=["big-text"])
+
+    @gpu
+    @user_errors
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model_key):
+        prompt = prompt or ""
+        model = registry.get(model_key)
+        settings = read_settings(max_new_tokens, temperature, top_k, top_p, seed, tokenizer.vocab_size)
+        if settings.greedy:
+            gr.Info("Temperature 0: greedy decoding, the most likely token every time.")
+        ids, settings.max_new_tokens, dropped = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens)
+        start = time.perf_counter()
+        yield prompt, speed(0, 0.0, len(ids), dropped, False)
+        for new_text, count in stream_text(model, tokenizer, ids, settings):
+            yield prompt + new_text, speed(count, time.perf_counter() - start, len(ids), dropped, False)
+        yield prompt + new_text, speed(count, time.perf_counter() - start, len(ids), dropped, True)
+
+    @gpu
+    @user_errors
+    def compare(prompt, max_new_tokens, temperature, top_k, top_p, seed, model_key):
+        prompt = prompt or ""
+        model = registry.get(model_key)
+        settings = read_settings(max_new_tokens, temperature, top_k, top_p, seed, tokenizer.vocab_size)
+        if settings.greedy:
+            gr.Warning("Temperature is 0, which is greedy too: the sampled side uses temperature 1.")
+            settings.temperature = 1.0
+        ids, settings.max_new_tokens, _ = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens)
+        greedy_text = sampled_text = ""
+        pairs = itertools.zip_longest(
+            stream_text(model, tokenizer, ids, settings, greedy=True), stream_text(model, tokenizer, ids, settings)
+        )
+        for greedy_step, sampled_step in pairs:
+            greedy_text = greedy_step[0] if greedy_step else greedy_text
+            sampled_text = sampled_step[0] if sampled_step else sampled_text
+            yield prompt + greedy_text, prompt + sampled_text
+
+    inputs = [prompt_box, *controls, picker.state]
+    event = run.click(generate, inputs, [output, stats], api_name="generate", concurrency_limit=4)
+    prompt_box.submit(generate, inputs, [output, stats], api_visibility="private", concurrency_limit=4)
+    stop.click(None, None, None, cancels=[event], api_visibility="private")
+    compare_button.click(compare, inputs, [greedy_out, sampled_out], api_name="compare", concurrency_limit=4)

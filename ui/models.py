@@ -1,0 +1,231 @@
+"""The model picker: which checkpoints exist, loading them (shared, cached), and each session's choice.
+
+Loaded weights are shared by every session (inference only reads them); what a session has chosen
+lives in its own `gr.State`, so two users can look at different models at the same time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from slm import CheckpointError, Gemma3LM, build_model, count_parameters, list_checkpoints, load_model, preset
+from slm.checkpoint import WEIGHTS_FILE
+from slm.loading import CheckpointInfo, read_checkpoint_info
+
+from .common import AppSettings, PathNotAllowed, allowed_path, user_errors
+
+UNTRAINED = "untrained tiny model"
+HUB_FOLDER = "hub"  # downloads land in <checkpoints>/hub/<owner>--<name>, so they are checkpoints like any other
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+NO_CHECKPOINT_HELP = (
+    "**No trained checkpoint in `{root}` yet.** The picker offers an *untrained* `tiny` model, so its text is "
+    "random tokens. To get a real one, start a run in the **Train** tab, or run "
+    "`python train.py --preset tiny --max-steps 300` (a few minutes on a CPU), then press ↻."
+)
+
+
+def _fmt_params(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
+
+
+@dataclass
+class ModelEntry:
+    """One choice in the picker."""
+
+    key: str  # the dropdown value: a path relative to the checkpoint folder, or UNTRAINED
+    label: str
+    info: CheckpointInfo | None  # None for the untrained model
+
+    def as_dict(self) -> dict:
+        info = self.info
+        return {
+            "key": self.key,
+            "label": self.label,
+            "preset": info.preset if info else "tiny",
+            "parameters": info.parameters if info else count_parameters(preset("tiny")).total,
+            "step": info.step if info else 0,
+            "val_loss": info.val_loss if info else None,
+            "format": info.format if info else "untrained",
+        }
+
+
+class ModelRegistry:
+    """Finds checkpoints and keeps the last few loaded models in memory."""
+
+    def __init__(self, settings: AppSettings, max_loaded: int = 3) -> None:
+        self.settings = settings
+        self.root = settings.checkpoints_dir
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[tuple, Gemma3LM] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ----- what exists --------------------------------------------------------------------------
+    def _entry(self, info: CheckpointInfo) -> ModelEntry:
+        key = info.path.relative_to(self.root.resolve()).as_posix()
+        parts = [key, info.preset or info.format, f"{_fmt_params(info.parameters)} params"]
+        if info.step is not None:
+            parts.append(f"step {info.step:,}")
+        if info.val_loss is not None:
+            parts.append(f"val loss {info.val_loss:.3f}")
+        return ModelEntry(key, " · ".join(parts), info)
+
+    def entries(self) -> list[ModelEntry]:
+        """Checkpoints newest first, then the untrained model (always there, so the app always works)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        found = [self._entry(info) for info in list_checkpoints(self.root.resolve()) if self._allowed(info.path)]
+        untrained = ModelEntry(UNTRAINED, f"{UNTRAINED} · {_fmt_params(count_parameters(preset('tiny')).total)} "
+                                          "params · random weights", None)
+        return [*found, untrained]
+
+    def _allowed(self, folder: Path) -> bool:
+        """False for a folder that only a symlink puts under the checkpoint folder."""
+        try:
+            allowed_path(folder, self.settings.allowed_roots)
+        except PathNotAllowed:
+            return False
+        return True
+
+    def default_key(self) -> str:
+        return self.entries()[0].key
+
+    def has_checkpoints(self) -> bool:
+        return any(e.info is not None for e in self.entries())
+
+    # ----- loading ------------------------------------------------------------------------------
+    def checkpoint_folder(self, key: str) -> Path:
+        """The folder a picker value names; it must lie under the checkpoint or data folder."""
+        folder = allowed_path(key, self.settings.allowed_roots, base=self.root.resolve())
+        if not folder.exists():
+            raise CheckpointError(f"There is no checkpoint at {key}. Press ↻ to refresh the list.")
+        return folder
+
+    def get(self, key: str | None) -> Gemma3LM:
+        """The model for a picker value (None: the default), loaded once and shared."""
+        key = key or self.default_key()
+        if key == UNTRAINED:
+            cache_key: tuple = (UNTRAINED,)
+        else:
+            folder = self.checkpoint_folder(key)
+            weights = folder / WEIGHTS_FILE
+            cache_key = (str(folder), weights.stat().st_mtime_ns if weights.exists() else 0)
+        with self._lock:
+            if cache_key in self._loaded:
+                self._loaded.move_to_end(cache_key)
+                return self._loaded[cache_key]
+            if key == UNTRAINED:
+                model = build_model(preset("tiny"), seed=0).to(self.settings.device, self.settings.dtype).eval()
+            else:
+                model = load_model(folder, device=self.settings.device, dtype=self.settings.dtype)
+            self._loaded[cache_key] = model
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+            return model
+
+    def describe(self, key: str | None) -> str:
+        """Markdown for the chosen model: what it is, and a warning when it is untrained."""
+        key = key or self.default_key()
+        if key == UNTRAINED:
+            text = f"**{UNTRAINED}**: the `tiny` preset, freshly initialised (seed 0). Its output is random."
+            if not self.has_checkpoints():
+                text += "\n\n" + NO_CHECKPOINT_HELP.format(root=self.root)
+            return text
+        info = read_checkpoint_info(self.checkpoint_folder(key))
+        entry = self._entry(info)
+        config = info.config
+        return (
+            f"**{entry.key}** · preset `{info.preset or '-'}` · {_fmt_params(info.parameters)} parameters · "
+            f"{config.num_layers} layers, width {config.hidden_size}, context {config.context_length} · "
+            f"step {info.step if info.step is not None else '-'} · "
+            f"val loss {f'{info.val_loss:.3f}' if info.val_loss is not None else '-'} · "
+            f"running on {self.settings.device.type} ({str(self.settings.dtype).removeprefix('torch.')})"
+        )
+
+    # ----- the hub ------------------------------------------------------------------------------
+    def download_from_hub(self, repo_id: str) -> str:
+        """Download a transformers Gemma 3 checkpoint into the checkpoint folder; return its picker value."""
+        repo_id = (repo_id or "").strip()
+        if not REPO_ID.match(repo_id):
+            raise ValueError(f"{repo_id!r} is not a Hub repository id; it looks like 'owner/name'.")
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:  # pragma: no cover - gradio depends on huggingface_hub
+            raise ValueError("huggingface_hub is not installed, so nothing can be downloaded.") from exc
+        target = self.root / HUB_FOLDER / repo_id.replace("/", "--")
+        try:
+            snapshot_download(
+                repo_id, local_dir=target, allow_patterns=["*.json", "*.safetensors"], etag_timeout=10,
+            )
+        except Exception as exc:  # offline, unknown repo, gated repo, ...: one clear message
+            raise ValueError(
+                f"Could not download {repo_id} from the Hugging Face Hub ({type(exc).__name__}). "
+                "The Hub may be unreachable from this machine (offline?), or the repository does not exist "
+                "or is private. Local checkpoints still work."
+            ) from exc
+        info = read_checkpoint_info(target)  # refuses a folder without safetensors weights
+        return info.path.relative_to(self.root.resolve()).as_posix()
+
+
+def checkpoint_table(entries: list[ModelEntry]) -> list[dict]:
+    return [e.as_dict() for e in entries]
+
+
+class ModelPicker:
+    """The picker row above the tabs; `state` holds this session's choice (None: the default)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        entries = registry.entries()
+        with gr.Row(equal_height=True):
+            self.dropdown = gr.Dropdown(
+                choices=[(e.label, e.key) for e in entries], value=entries[0].key, label="Model",
+                info="Checkpoints in the checkpoint folder, newest first (or type a folder path inside it)",
+                allow_custom_value=True, scale=5, elem_id="model-picker",
+            )
+            self.refresh = gr.Button("↻ Refresh", scale=0, min_width=110)
+            self.hub_repo = gr.Textbox(label="…or a Hub repo id (transformers Gemma 3)", placeholder="owner/name",
+                                       scale=2)
+            self.hub_button = gr.Button("Download", scale=0, min_width=110)
+        self.description = gr.Markdown(registry.describe(entries[0].key))
+        self.catalogue = gr.JSON(visible=False, label="checkpoints")
+        self.state = gr.State(None)
+
+    def wire(self) -> None:
+        registry = self.registry
+
+        @user_errors
+        def list_all() -> list[dict]:
+            return checkpoint_table(registry.entries())
+
+        def show_choices(current: str | None):
+            entries = registry.entries()
+            keys = [e.key for e in entries]
+            value = current if current in keys else entries[0].key
+            return gr.Dropdown(choices=[(e.label, e.key) for e in entries], value=value)
+
+        @user_errors
+        def select(model: str | None):
+            if not model:
+                raise gr.Error("Choose a model first.")
+            registry.get(model)  # load now: a broken checkpoint is reported here, not at the first use
+            return model, registry.describe(model)
+
+        @user_errors
+        def from_hub(repo_id: str):
+            key = registry.download_from_hub(repo_id)
+            registry.get(key)
+            return key, registry.describe(key)
+
+        self.refresh.click(list_all, None, self.catalogue, api_name="list_checkpoints").then(
+            show_choices, self.state, self.dropdown, api_visibility="private"
+        )
+        self.dropdown.input(select, self.dropdown, [self.state, self.description], api_name="select_model")
+        self.hub_button.click(from_hub, self.hub_repo, [self.state, self.description], api_name="load_hub").success(
+            show_choices, self.state, self.dropdown, api_visibility="private"
+        )

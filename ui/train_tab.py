@@ -1,0 +1,245 @@
+"""Train tab: start, stop and resume a background training run, and watch it live.
+
+The run belongs to the server's one `TrainingManager` (a subprocess), not to a browser session:
+closing the tab does not stop it, and a reloaded page re-attaches through the polling timer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from slm import PRESETS
+from slm.data import DEFAULT_DATASET
+from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
+from slm.plots import loss_figure
+from slm.training import TrainConfig
+
+from .common import AppSettings, allowed_path, integer, number, user_errors
+from .models import ModelPicker
+
+HUB_SOURCE = "TinyStories from the Hugging Face hub"
+FILE_SOURCE = "A file in the data folder"
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+UPLOADS = "uploads"
+POLL_SECONDS = 1.5
+ACTIVE = ("preparing", "running", "stopping")
+
+
+def data_files(data_dir: Path) -> list[str]:
+    """Training text files under the data folder, as paths relative to it."""
+    if not data_dir.is_dir():
+        return []
+    return sorted(
+        p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(data_dir).parts)
+    )
+
+
+def resumable_runs(checkpoints_dir: Path) -> list[str]:
+    """Run folders whose `latest/` checkpoint holds a training state, newest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    runs = [p.parent.parent for p in checkpoints_dir.rglob("latest/training_state.json")]
+    runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.relative_to(checkpoints_dir).as_posix() for p in runs]
+
+
+def status_dict(status: JobStatus) -> dict[str, Any]:
+    data = dataclasses.asdict(status) if dataclasses.is_dataclass(status) else dict(vars(status))
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def status_markdown(s: dict[str, Any]) -> str:
+    """One readable block: state, progress, speed, losses, time, device."""
+    state = s.get("state", "idle")
+    if state == "idle":
+        return "**No training run yet.** Choose the settings and press **Start**."
+    parts = [f"**{state}**"]
+    if s.get("run_dir"):
+        parts.append(f"run `{Path(s['run_dir']).name}`")
+    if s.get("max_steps"):
+        parts.append(f"step {s.get('step') or 0:,} / {s['max_steps']:,}")
+    if s.get("tokens"):
+        parts.append(f"{s['tokens']:,} tokens")
+    line = " · ".join(parts)
+    numbers = []
+    if s.get("train_loss") is not None:
+        numbers.append(f"train loss {s['train_loss']:.3f}")
+    if s.get("val_loss") is not None:
+        numbers.append(f"val loss {s['val_loss']:.3f}")
+    if s.get("tokens_per_s"):
+        numbers.append(f"{s['tokens_per_s']:,.0f} tokens/s")
+    if s.get("mfu") is not None:  # known only on GPUs with a known peak
+        numbers.append(f"MFU {100 * s['mfu']:.1f}%")
+    numbers.append(f"elapsed {_duration(s.get('elapsed_s'))}")
+    if state in ACTIVE:
+        numbers.append(f"ETA {_duration(s.get('eta_s'))}")
+    if s.get("device"):
+        numbers.append(f"on {s['device']}")
+    text = line + "  \n" + " · ".join(numbers)
+    if s.get("message"):
+        text += f"  \n{s['message']}"
+    return text
+
+
+def safe_upload_name(name: str) -> str:
+    stem = re.sub(r"[^\w.-]+", "_", Path(name).name).strip("._") or "upload"
+    return stem if Path(stem).suffix.lower() in DATA_SUFFIXES else stem + ".txt"
+
+
+def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: TrainingManager | None) -> TrainingManager:
+    manager = manager or TrainingManager(runs_root=settings.checkpoints_dir)
+    checkpoints_dir, data_dir = settings.checkpoints_dir.resolve(), settings.data_dir.resolve()
+    registry = picker.registry
+
+    with gr.Row():
+        with gr.Column():
+            preset_box = gr.Dropdown(list(PRESETS), value="tiny", label="Model preset")
+            source = gr.Radio([HUB_SOURCE, FILE_SOURCE], value=HUB_SOURCE, label="Training text")
+            stories = gr.Number(20_000, precision=0, minimum=0, label="Stories to use (0 = all)",
+                                elem_id="train-stories")
+            files = data_files(data_dir)
+            data_file = gr.Dropdown(files, value=files[0] if files else None, allow_custom_value=True,
+                                    label=f"Data file (in the data folder, {data_dir.name}/)",
+                                    elem_id="train-data-file")
+            upload = gr.File(label="…or upload a text file (stories separated by <|endoftext|> lines)",
+                             file_types=list(DATA_SUFFIXES), type="filepath", height=90)
+        with gr.Column():
+            steps = gr.Number(300, precision=0, minimum=1, label="Steps", elem_id="train-steps")
+            batch = gr.Number(8, precision=0, minimum=1, label="Batch size (sequences per step)",
+                              elem_id="train-batch")
+            lr = gr.Number(1e-3, minimum=0, label="Learning rate")
+            context = gr.Number(0, precision=0, minimum=0, label="Context length (0 = the preset's)",
+                                elem_id="train-context")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+            with gr.Row():
+                run_box = gr.Dropdown(resumable_runs(checkpoints_dir), label="Run to resume", allow_custom_value=True,
+                                      scale=3, elem_id="train-run")
+                resume = gr.Button("Resume", scale=1, elem_id="train-resume")
+    message = gr.Markdown(elem_id="train-message")
+    status_md = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss", show_label=False, elem_id="train-loss")
+        sample = gr.Textbox(label="Latest sample story", lines=10, elem_id="train-sample", elem_classes=["big-text"])
+    status_json = gr.JSON(visible=False)
+    seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
+    timer = gr.Timer(POLL_SECONDS)
+
+    def data_source(source_: str, data_file_: str | None) -> str:
+        if source_ == HUB_SOURCE:
+            return DEFAULT_DATASET
+        if source_ != FILE_SOURCE:
+            raise gr.Error(f"Choose the training text: {HUB_SOURCE!r} or {FILE_SOURCE!r}.")
+        if not data_file_:
+            raise gr.Error(f"Choose a data file (or upload one): the data folder is {data_dir}.")
+        path = allowed_path(data_file_, [data_dir], base=data_dir)
+        if not path.is_file():
+            raise gr.Error(f"{data_file_} is not a file in the data folder {data_dir}.")
+        return str(path)
+
+    @user_errors
+    def start_training(preset, source, stories, data_file, steps, batch_size, lr, context_length):
+        data = data_source(source, data_file)
+        if preset not in PRESETS:
+            raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        context_length = integer(context_length if context_length is not None else 0, "context length", 0)
+        max_stories = integer(stories if stories is not None else 0, "stories", 0)
+        config = TrainConfig(
+            preset=preset, data=data, max_stories=max_stories or None, cache_dir=str(data_dir / ".cache"),
+            max_steps=integer(steps, "steps", 1, 10_000_000),
+            batch_size=integer(batch_size, "batch size", 1, 4096),
+            lr=number(lr, "learning rate", 1e-7, 1.0),
+            context_length=context_length or None,
+            out=str(checkpoints_dir / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        )
+        try:
+            run_dir = manager.start(config)
+        except TrainingBusyError as exc:
+            raise gr.Error(f"A training run is already going: {exc}. Stop it first, or wait until it ends.") from None
+        return f"Started run `{Path(run_dir).name}`: its checkpoints appear in the model picker as it saves."
+
+    @user_errors
+    def stop_training():
+        if manager.stop():
+            return "Stopping: the run finishes its current step, saves a checkpoint, and stops."
+        return "No training run is going."
+
+    @user_errors
+    def resume_training(run, steps):
+        if not run:
+            raise gr.Error("Choose a run to resume.")
+        run_dir = allowed_path(run, [checkpoints_dir], base=checkpoints_dir)
+        if not (run_dir / "latest" / "training_state.json").is_file():
+            raise gr.Error(f"{run} has no latest/ checkpoint with a training state to resume from.")
+        try:
+            manager.resume(run_dir, max_steps=integer(steps, "steps", 1, 10_000_000))
+        except TrainingBusyError as exc:
+            raise gr.Error(f"A training run is already going: {exc}.") from None
+        return f"Resumed run `{run_dir.name}`."
+
+    @user_errors
+    def training_status():
+        return status_dict(manager.status())
+
+    def render(status: dict, last: dict | None, current_key: str | None):
+        """Redraw only what changed since this page last looked (and refresh the pickers on a new checkpoint)."""
+        metrics = manager.metrics()
+        sample_text = status.get("sample") or ""
+        runs = resumable_runs(checkpoints_dir)
+        keys = [e.key for e in registry.entries()]
+        now = {"metrics": len(metrics), "sample": sample_text, "runs": runs, "keys": keys, "run": status.get("run_dir")}
+        last = last or {}
+        plot = gr.skip()
+        if now["metrics"] != last.get("metrics") or now["run"] != last.get("run"):
+            plot = loss_figure(metrics) if metrics else None
+        picker_update = gr.skip()
+        if keys != last.get("keys") and last:
+            entries = registry.entries()
+            picker_update = gr.Dropdown(choices=[(e.label, e.key) for e in entries])
+        runs_update = gr.Dropdown(choices=runs) if runs != last.get("runs") else gr.skip()
+        sample_update = sample_text if sample_text != last.get("sample") else gr.skip()
+        return now, status_markdown(status), plot, sample_update, picker_update, runs_update
+
+    def uploaded(path: str | None):
+        if not path:
+            return gr.skip(), gr.skip()
+        target_dir = data_dir / UPLOADS
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / safe_upload_name(Path(path).name)
+        shutil.copyfile(path, target)
+        relative = target.relative_to(data_dir).as_posix()
+        gr.Info(f"Saved as {relative} in the data folder.")
+        return relative, FILE_SOURCE
+
+    train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context]
+    start.click(start_training, train_inputs, message, api_name="start_training")
+    stop.click(stop_training, None, message, api_name="stop_training")
+    resume.click(resume_training, [run_box, steps], message, api_name="resume_training")
+    upload.upload(user_errors(uploaded), upload, [data_file, source], api_name="upload_data").success(
+        lambda chosen: gr.Dropdown(choices=data_files(data_dir), value=chosen), data_file, data_file,
+        api_visibility="private",
+    )
+    timer.tick(training_status, None, status_json, api_name="training_status", show_progress="hidden").then(
+        render, [status_json, seen, picker.state],
+        [seen, status_md, loss_plot, sample, picker.dropdown, run_box],
+        api_visibility="private", show_progress="hidden",
+    )
+    return manager
