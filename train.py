@@ -23,7 +23,7 @@ RESUMABLE_OVERRIDES = ("max_steps", "max_tokens", "device", "dtype", "compile", 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Train a Gemma 3-style language model from scratch (see slm/training.py for every knob).",
+        description="Train a Gemma 3-style language model from scratch (see slm/train_config.py for every knob).",
         epilog="Values in [brackets] are the defaults.",
     )
     model = p.add_argument_group("model")
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from slm.training import TrainConfig, resume_config
+    from slm.train_config import TrainConfig, resume_config
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "quiet")}
     if args.resume is None:

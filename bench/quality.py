@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 from slm.data import iter_file_stories  # noqa: E402
 from slm.loading import load_model  # noqa: E402
 from slm.tokenizer import load_tokenizer  # noqa: E402
-from slm.training import TrainConfig, read_metrics, train  # noqa: E402
+from slm.train_config import TrainConfig  # noqa: E402
+from slm.training import read_metrics, train  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data" / "tinystories"
 THRESHOLDS = (5.0, 4.0, 3.5, 3.0)

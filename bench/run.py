@@ -11,6 +11,7 @@ batch and optimizer. GPU sections run only where CUDA is available.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -149,15 +150,15 @@ def bench_inspect(rounds: int, length: int = 256) -> Table:
     twin = transformers_twin(model, "eager").eval()
     ids = random_tokens(1, length)
     tokenizer = slm.load_tokenizer()
-    text = tokenizer.decode(ids[0].tolist())
 
     def theirs() -> None:
         with torch.no_grad():
             out = twin(ids, output_attentions=True)
             torch.softmax(out.logits.float(), dim=-1)
 
-    t = interleaved({"ours": lambda: inspection.inspect_text(model, tokenizer, text), "theirs": theirs}, rounds)
-    table.add("slm.inspection.inspect_text (tokenize, probabilities, top-k, entropy, attention)", t["ours"] * 1e3,
+    t = interleaved({"ours": lambda: inspection.inspect_ids(model, tokenizer, ids[0].tolist()), "theirs": theirs},
+                    rounds)
+    table.add("slm.inspection.inspect_ids (probabilities, top-10, entropy, attention, hidden states)", t["ours"] * 1e3,
               t["theirs"] / t["ours"])
     table.add("transformers forward, output_attentions=True, softmax", t["theirs"] * 1e3, 1.0)
     return table
@@ -166,7 +167,7 @@ def bench_inspect(rounds: int, length: int = 256) -> Table:
 def bench_data(rounds: int) -> Table:
     import tempfile
 
-    from slm import data
+    from slm.data import DataSpec, prepare_data
 
     table = Table("Data preparation, CPU (MB of text per second, tokenize + write the uint16 cache)",
                   ["implementation", "MB/s", "ours / peer"])
@@ -180,7 +181,7 @@ def bench_data(rounds: int) -> Table:
 
     def ours() -> None:
         with tempfile.TemporaryDirectory() as cache:
-            data.prepare(str(source), cache_dir=cache)
+            prepare_data(DataSpec(str(source)), tokenizer, cache, progress=False)
 
     def sequential() -> None:
         ids: list[int] = []
@@ -189,28 +190,38 @@ def bench_data(rounds: int) -> Table:
         torch.tensor(ids, dtype=torch.int32).numpy().astype("uint16").tofile("/dev/null")
 
     t = interleaved({"ours": ours, "peer": sequential}, rounds)
-    table.add("slm.data.prepare (parallel batch encode, memmap)", megabytes / t["ours"], t["peer"] / t["ours"])
+    table.add(f"slm.data.prepare_data ({os.cpu_count()} threads of batch encoding, uint16 memmap)",
+              megabytes / t["ours"], t["peer"] / t["ours"])
     table.add("sequential encode_ordinary per story", megabytes / t["peer"], 1.0)
     return table
 
 
 # ----- GPU ----------------------------------------------------------------------------------------
-def bench_gpu(rounds: int) -> list[Table]:
+GPU_TRAIN_MODELS = (("gemma3-270m", 32768), ("small", 65536))  # (preset, tokens per batch)
+GPU_CONTEXTS = (512, 1024, 2048)
+
+
+def bench_gpu(rounds: int, device: torch.device | str = "cuda", models=GPU_TRAIN_MODELS,
+              contexts=GPU_CONTEXTS, decode_preset: str = "gemma3-270m", new_tokens: int = 256) -> list[Table]:
+    """bf16 + compile training and decoding. `device`/`models` other than the defaults only serve a
+    smoke run of this code on a CPU (`--gpu-smoke`), since CI has no GPU."""
     from slm.flops import device_peak_flops, training_flops_per_token
 
-    device = torch.device("cuda")
-    peak = device_peak_flops(device, torch.bfloat16)
-    train = Table(f"Training on {torch.cuda.get_device_name()}, bf16 autocast + torch.compile",
+    device = torch.device(device)
+    peak = device_peak_flops(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run, not a measurement)"
+    train = Table(f"Training on {where}, bf16 autocast + torch.compile",
                   ["model", "context", "batch", "tokens/s", "MFU", "transformers tokens/s", "ours / transformers"])
-    for name, batch_tokens in (("gemma3-270m", 32768), ("small", 65536)):
-        for context in (512, 1024, 2048):
-            batch = batch_tokens // context
+    for name, batch_tokens in models:
+        for context in contexts:
+            batch = max(1, batch_tokens // context)
             model = slm.build_model(preset(name, context_length=context), seed=0, device=device)
             twin = transformers_twin(model).to(device)
             data = random_tokens(batch, context + 1, device)
             x, y = data[:, :-1], data[:, 1:]
-            ours_opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            theirs_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=True)
+            fused = device.type == "cuda"
+            ours_opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+            theirs_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=fused)
             ours_loss = torch.compile(model.loss)
 
             def theirs_loss(x: torch.Tensor, y: torch.Tensor, twin=twin) -> torch.Tensor:
@@ -218,7 +229,7 @@ def bench_gpu(rounds: int) -> list[Table]:
 
             def autocast(step: Callable[[], None]) -> Callable[[], None]:
                 def run() -> None:
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
                         step()
                 return run
 
@@ -227,25 +238,27 @@ def bench_gpu(rounds: int) -> list[Table]:
                             rounds, warmup=3, device=device)
             tokens = batch * context
             rate = tokens / t["ours"]
-            mfu = rate * training_flops_per_token(model.config, context) / peak if peak else float("nan")
-            train.add(name, context, batch, rate, f"{mfu:.1%}", tokens / t["theirs"], t["theirs"] / t["ours"])
+            mfu = f"{rate * training_flops_per_token(model.config, context) / peak:.1%}" if peak else "n/a"
+            train.add(name, context, batch, rate, mfu, tokens / t["theirs"], t["theirs"] / t["ours"])
             del model, twin, ours_opt, theirs_opt
-            torch.cuda.empty_cache()
-    train.notes.append(f"MFU against {peak / 1e12:.0f} TFLOP/s bf16 dense; FLOPs per token from slm.flops")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if peak:
+        train.notes.append(f"MFU against {peak / 1e12:.0f} TFLOP/s bf16 dense; FLOPs per token from slm.flops")
 
-    decode = Table(f"Decoding on {torch.cuda.get_device_name()}, gemma3-270m bf16, 128-token prompt + 256 new",
+    decode = Table(f"Decoding on {where}, {decode_preset} bf16, 128-token prompt + {new_tokens} new",
                    ["batch", "ours (compiled step, CUDA graph)", "ours eager", "transformers generate",
                     "ours / transformers"])
-    model = slm.build_model(preset("gemma3-270m"), seed=0, device=device, dtype=torch.bfloat16).eval()
+    model = slm.build_model(preset(decode_preset), seed=0, device=device, dtype=torch.bfloat16).eval()
     twin = transformers_twin(model).eval()
     for batch in (1, 8):
         prompt = random_tokens(batch, 128, device)
         t = interleaved({
-            "compiled": partial(slm.generate, model, prompt, 256, temperature=0, compiled=True),
-            "eager": partial(slm.generate, model, prompt, 256, temperature=0, compiled=False),
-            "theirs": partial(_transformers_greedy, twin, prompt, 256),
+            "compiled": partial(slm.generate, model, prompt, new_tokens, temperature=0, compiled=True),
+            "eager": partial(slm.generate, model, prompt, new_tokens, temperature=0, compiled=False),
+            "theirs": partial(_transformers_greedy, twin, prompt, new_tokens),
         }, rounds, warmup=2, device=device)
-        per_row = {k: batch * 256 / v for k, v in t.items()}
+        per_row = {k: batch * new_tokens / v for k, v in t.items()}
         decode.add(batch, per_row["compiled"], per_row["eager"], per_row["theirs"], t["theirs"] / t["compiled"])
     decode.notes.append("tokens/s counts every row of the batch; times include the prefill")
     return [train, decode]
@@ -260,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per candidate (median reported)")
     parser.add_argument("--compile", action="store_true", help="also time our CPU training step under torch.compile")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--gpu-smoke", action="store_true",
+                        help="run the GPU section's code on the CPU with the tiny preset (checks it, measures nothing)")
     args = parser.parse_args(argv)
+    if args.gpu_smoke:
+        for table in bench_gpu(1, "cpu", models=(("tiny", 512),), contexts=(128,), decode_preset="tiny",
+                               new_tokens=8):
+            print(table.text(), flush=True)
+        return 0
     sections = args.only or [s for s in SECTIONS if s != "gpu" or torch.cuda.is_available()]
     print(f"parameters: gemma3-270m {count_parameters(preset('gemma3-270m')).total:,}", flush=True)
     tables: list[Table] = []

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .training import METRICS_FILE, RUN_CONFIG_FILE, TrainConfig, resume_config
+from .train_config import RUN_CONFIG_FILE, TrainConfig, resume_config
+from .training import METRICS_FILE
 
 JOB_FILE = "job.json"
 LOG_FILE = "worker.log"

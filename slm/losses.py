@@ -26,29 +26,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_rows(weight.shape[0])
         for lo in range(0, n_rows, step):
             h = hidden[lo : lo + step]
-            logits = (h @ weight.t()).float()[:, :vocab_size]
-            lse = torch.logsumexp(logits, dim=-1)
             t = safe_targets[lo : lo + step]
-            v = valid[lo : lo + step]
+            row_weight = valid[lo : lo + step].float() / n_valid  # 1 / n_valid, or 0 for ignored rows
+            logits = (h @ weight.t()).float()[:, :vocab_size]
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            loss_sum += torch.where(v, lse - target_logit, torch.zeros_like(lse)).sum()
+            # The softmax is built in the logits' own buffer: one exp pass serves the loss and the gradient.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            total = probs.sum(dim=-1)
+            lse = total.log() + row_max.squeeze(1)
+            loss += ((lse - target_logit) * row_weight).sum()
             if need_grad:
                 # d(mean loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, zero elsewhere
-                grad_logits = torch.exp(logits - lse[:, None])
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_logits *= (v.float() / n_valid)[:, None]
+                grad_logits = probs.mul_((row_weight / total)[:, None])
+                grad_logits[torch.arange(len(t), device=t.device), t] -= row_weight
                 g = grad_logits.to(h.dtype) if h.dtype != torch.float32 else grad_logits
                 w = weight[:vocab_size]
                 grad_hidden[lo : lo + step] = (g @ w.to(g.dtype)).to(hidden.dtype)
-                grad_weight[:vocab_size] += (g.t() @ h.to(g.dtype)).float()
+                if g.dtype == torch.float32:
+                    grad_weight[:vocab_size].addmm_(g.t(), h)
+                else:
+                    grad_weight[:vocab_size] += (g.t() @ h.to(g.dtype)).float()
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]

@@ -28,7 +28,10 @@ def _sliding_causal_mask(length: int, window: int | None, device: torch.device) 
 
 
 def sliding_causal_mask(length: int, window: int | None, device: torch.device | str) -> torch.Tensor:
-    """The (T, T) causal mask, restricted to a window when one is given; cached per shape and device."""
+    """The (T, T) causal mask, restricted to a window when one is given; cached per shape and device
+    (inside a compiled graph it is built in the graph, where it is folded once)."""
+    if torch.compiler.is_compiling():
+        return _sliding_causal_mask.__wrapped__(length, window, torch.device(device))
     return _sliding_causal_mask(length, window, torch.device(device))
 
 
@@ -47,11 +50,20 @@ def gpu_compiler_available() -> bool:
 
 
 @cache
-def compiled_flex_attention():
-    """FlexAttention compiled once per process: uncompiled it runs a slow reference implementation."""
+def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+def compiled_flex_attention():
+    """FlexAttention compiled once per process: uncompiled it runs a slow reference implementation.
+    Inside a graph being compiled (a compiled training step) the plain function is traced into it."""
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention
+    return _compiled_flex_attention()
 
 
 @lru_cache(maxsize=16)
@@ -65,5 +77,8 @@ def _sliding_block_mask(length: int, window: int, device: torch.device):
 
 
 def sliding_block_mask(length: int, window: int, device: torch.device | str):
-    """FlexAttention's block mask for a causal sliding window, built once per shape and device."""
+    """FlexAttention's block mask for a causal sliding window, built once per shape and device
+    (inside a compiled graph it is built in the graph)."""
+    if torch.compiler.is_compiling():
+        return _sliding_block_mask.__wrapped__(length, window, torch.device(device))
     return _sliding_block_mask(length, window, torch.device(device))

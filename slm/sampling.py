@@ -7,7 +7,8 @@ sampling itself is a few pure functions that the playground also uses to show ea
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -116,19 +117,28 @@ class Decoder:
             return self.model(token[:, None], cache=self.cache)[:, -1]
         self.cache.check_room(1)
         position = torch.tensor(self.cache.length, device=token.device)
-        logits = compiled_decode_step(self.model)(token[:, None], position, self.cache)
+        step, lock = compiled_decode_step(self.model)
+        # One compiled step (a CUDA graph on GPU) serves every request for this model: its static
+        # input and output buffers are shared, so concurrent decoders take turns, and the output is
+        # copied out before the next replay overwrites it.
+        with lock:
+            logits = step(token[:, None], position, self.cache).clone()
         self.cache.length += 1
-        return logits.clone()  # a CUDA graph reuses its output buffer on the next step
+        return logits
 
 
-def compiled_decode_step(model: Gemma3LM):
-    """`model.decode_step` compiled once per model (kept on the model so it is reused across requests)."""
-    step = getattr(model, "_compiled_decode_step", None)
-    if step is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
-        model._compiled_decode_step = step
-    return step
+_COMPILE_LOCK = threading.Lock()
+
+
+def compiled_decode_step(model: Gemma3LM) -> tuple[Callable, threading.Lock]:
+    """`model.decode_step` compiled once per model (kept on the model so it is reused across
+    requests), with the lock that its callers hold while they run it."""
+    with _COMPILE_LOCK:
+        if getattr(model, "_compiled_decode_step", None) is None:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+            model._compiled_decode_step = (step, threading.Lock())
+        return model._compiled_decode_step
 
 
 def stream_generate(

@@ -1,7 +1,9 @@
-"""The training loop: optimizer, schedule, accumulation, mixed precision, evaluation, metrics,
-checkpoints, resume, graceful stop and DDP.
+"""The training loop: accumulation, mixed precision, evaluation, metrics, checkpoints, resume,
+graceful stop and DDP. The run's settings are in `train_config`, the optimizers and schedule in
+`optim`, devices and torchrun in `devices`.
 
-    from slm.training import TrainConfig, train
+    from slm.train_config import TrainConfig
+    from slm.training import train
     result = train(TrainConfig(preset="tiny", data="stories.txt", max_steps=300, out="checkpoints/run"))
 
 A run folder holds `run.json` (the TrainConfig, every default resolved), `metrics.jsonl` (one JSON
@@ -18,15 +20,13 @@ entry point trains with DistributedDataParallel; rank 0 alone writes files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_directory, read_json, read_safetensors, save_checkpoint, write_json, write_model_files
-from .config import PRESETS, ModelConfig, count_parameters, preset
-from .data import DEFAULT_DATASET, BatchSampler, DataSpec, eval_window_starts, gather_windows, prepare_data
+from .config import count_parameters
+from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
+from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
 from .flops import device_peak_flops, mfu, training_flops_per_token
 from .model import Gemma3LM, build_model
+from .optim import build_optimizers, lr_at, optimizer_state_from_files, optimizer_state_to_files, set_lr
 from .sampling import generate
 from .tokenizer import load_tokenizer
+from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
 
-RUN_CONFIG_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 STOP_FILE = "STOP"
 LATEST_DIR = "latest"
@@ -52,281 +54,6 @@ STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
 STATE_FORMAT = 1
 SAMPLE_PROMPT = "Once upon a time"
-DEFAULT_MAX_STEPS = 2000
-OPTIMIZERS = ("adamw", "muon")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run. `None` fields are resolved when the run starts
-    (and stored resolved in `run.json`, so a resumed run uses the same values)."""
-
-    # model: a preset, optional ModelConfig field overrides, and the training context length
-    preset: str = "tiny"
-    model: dict[str, Any] = field(default_factory=dict)
-    context_length: int | None = None  # None: the preset's
-    # data (see slm.data.DataSpec)
-    data: str = DEFAULT_DATASET
-    val_data: str | None = None
-    max_stories: int | None = None
-    text_field: str = "text"
-    val_fraction: float = 0.01
-    cache_dir: str = ".cache/slm-data"
-    # length of the run: steps, or tokens (converted to steps)
-    max_steps: int | None = None  # None: from max_tokens, else DEFAULT_MAX_STEPS
-    max_tokens: int | None = None
-    # batch: batch_size sequences per device per micro-step, grad_accum micro-steps per optimizer step
-    batch_size: int | None = None  # None: 8 on CPU, 32 on a GPU
-    grad_accum: int = 1
-    # optimizer and schedule: linear warmup to lr, cosine decay to min_lr at the last step
-    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the blocks' matrices, AdamW for the rest)
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
-    weight_decay: float = 0.1  # matrices only; norms are never decayed
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    # cadence
-    log_every: int = 10
-    eval_every: int | None = None  # None: a tenth of the run
-    eval_batches: int = 8
-    save_every: int | None = None  # None: at every evaluation
-    sample_tokens: int = 64  # length of the sample story written at each evaluation (0: none)
-    # where and how
-    out: str | None = None  # the run folder; None: checkpoints/<preset>-<date>-<time>
-    seed: int = 1337
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    dtype: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU), "fp32", ...
-    compile: bool = False
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError with a clear message for values a run cannot use."""
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        positive = ["grad_accum", "log_every", "eval_batches"]
-        optional_positive = [
-            "context_length", "max_steps", "max_tokens", "batch_size", "eval_every", "save_every", "max_stories",
-        ]
-        for name in positive + optional_positive:
-            value = getattr(self, name)
-            if value is None and name in optional_positive:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.min_lr is not None and not (0 <= self.min_lr < self.lr):
-            raise ValueError(f"min_lr must be at least 0 and below lr ({self.lr}), got {self.min_lr!r}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        for name in ("weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.sample_tokens < 0:
-            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
-
-    def model_config(self) -> ModelConfig:
-        overrides = dict(self.model)
-        if self.context_length is not None:
-            overrides["context_length"] = self.context_length
-        return preset(self.preset, **overrides)
-
-    def data_spec(self) -> DataSpec:
-        return DataSpec(self.data, self.max_stories, self.text_field, self.val_fraction, self.val_data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_json(Path(path).read_text())
-
-
-def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
-    """The config of an existing run, marked to resume, with non-None `overrides` applied."""
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {RUN_CONFIG_FILE}")
-    data = json.loads(path.read_text())
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("max_tokens") is not None and overrides.get("max_steps") is None:
-        data["max_steps"] = None  # recompute the steps from the new token budget
-    data["out"], data["resume"] = str(run_dir), True
-    return TrainConfig.from_dict(data)
-
-
-# ----- schedule ------------------------------------------------------------------------------------
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup_steps` steps up to
-    `lr`, then a cosine from `lr` at step `warmup_steps` down to `min_lr` at the last step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    decay_steps = max_steps - 1 - warmup_steps
-    if decay_steps <= 0:
-        return lr
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-# ----- devices, precision, distribution ------------------------------------------------------------
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_from_env() -> Distributed:
-    """The process's place in a torchrun job (a single process when not launched by torchrun)."""
-    return Distributed(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). Weights always stay fp32: they are the master copy."""
-    dtype = DTYPES[requested]
-    if dtype is None:  # auto
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None if dtype == torch.float32 else dtype
-
-
-def describe_device(device: torch.device, world_size: int) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    elif device.type == "cpu":
-        name = f"CPU ({torch.get_num_threads()} threads)"
-    else:
-        name = device.type.upper()
-    return f"{name} x{world_size}" if world_size > 1 else name
-
-
-def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
-    """Fill every `None` default; the result is what run.json stores."""
-    c = dataclasses.replace(config, model=dict(config.model))
-    if c.context_length is None:
-        c.context_length = c.model_config().context_length
-    if c.batch_size is None:
-        c.batch_size = 32 if device.type == "cuda" else 8
-    if c.max_steps is None:
-        tokens_per_step = c.batch_size * c.grad_accum * c.context_length * world_size
-        c.max_steps = math.ceil(c.max_tokens / tokens_per_step) if c.max_tokens else DEFAULT_MAX_STEPS
-    if c.min_lr is None:
-        c.min_lr = c.lr / 10
-    if c.warmup_steps is None:
-        c.warmup_steps = min(1000, max(10, c.max_steps // 20))
-    if c.eval_every is None:
-        c.eval_every = max(1, c.max_steps // 10)
-    if c.save_every is None:
-        c.save_every = c.eval_every
-    if c.out is None:
-        c.out = str(Path("checkpoints") / f"{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    c.validate()
-    return c
-
-
-# ----- optimizer -----------------------------------------------------------------------------------
-def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW (fused on CUDA) with weight decay on matrices only; with `optimizer="muon"`, Muon takes
-    the 2-D matrices inside the blocks and AdamW the embedding and norms.
-
-    Every parameter group remembers its peak learning rate as `base_lr`; the schedule scales it.
-    """
-    named = list(model.named_parameters())
-    muon_params = []
-    if config.optimizer == "muon":
-        muon_params = [p for n, p in named if p.ndim == 2 and n.startswith("layers.")]
-    taken = {id(p) for p in muon_params}
-    rest = [p for _, p in named if id(p) not in taken]
-    groups = [
-        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = config.lr
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(
-            groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
-            fused=True if device.type == "cuda" else None,
-        )
-    ]
-    if muon_params:
-        # "match_rms_adamw" scales each update to AdamW's RMS, so one learning rate serves both.
-        muon = torch.optim.Muon(
-            muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True,
-            adjust_lr_fn="match_rms_adamw",
-        )
-        for g in muon.param_groups:
-            g["base_lr"] = config.lr
-        optimizers.append(muon)
-    return optimizers
-
-
-def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
 
 
 class LossModule(nn.Module):
@@ -338,47 +65,6 @@ class LossModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.model.loss(inputs, targets)
-
-
-# ----- training state on disk ----------------------------------------------------------------------
-def _tuples(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def optimizer_state_to_files(
-    optimizers: list[torch.optim.Optimizer],
-) -> tuple[dict[str, torch.Tensor], list[list[dict[str, Any]]]]:
-    """Optimizer state as flat safetensors tensors plus JSON-able parameter groups."""
-    tensors: dict[str, torch.Tensor] = {}
-    groups: list[list[dict[str, Any]]] = []
-    for k, optimizer in enumerate(optimizers):
-        state = optimizer.state_dict()
-        for param_id, values in state["state"].items():
-            for name, value in values.items():
-                tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"optimizer.{k}.{param_id}.{name}"] = tensor.detach().to("cpu").contiguous()
-        groups.append([{k2: list(v) if isinstance(v, tuple) else v for k2, v in g.items()}
-                       for g in state["param_groups"]])
-    return tensors, groups
-
-
-def optimizer_state_from_files(
-    optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], groups: list[list[dict[str, Any]]]
-) -> None:
-    if len(groups) != len(optimizers):
-        raise ValueError(
-            f"the saved training state has {len(groups)} optimizer(s), this run builds {len(optimizers)}: "
-            "was the optimizer changed?"
-        )
-    for k, optimizer in enumerate(optimizers):
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        prefix = f"optimizer.{k}."
-        for key, tensor in tensors.items():
-            if key.startswith(prefix):
-                param_id, name = key[len(prefix):].split(".", 1)
-                state.setdefault(int(param_id), {})[name] = tensor
-        param_groups = [{name: _tuples(v) if name != "params" else v for name, v in g.items()} for g in groups[k]]
-        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 # ----- metrics -------------------------------------------------------------------------------------

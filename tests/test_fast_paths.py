@@ -56,3 +56,18 @@ def test_flex_attention_equals_sdpa_on_sliding_layers(model):
 def test_unknown_attention_backend_is_refused(model):
     with pytest.raises(ValueError, match="attention backend"):
         model.set_attention_backend("xformers")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not flex_attention_available(), reason="this torch has no FlexAttention")
+def test_flex_attention_inside_a_compiled_model_equals_eager(model):
+    """A compiled training step traces FlexAttention and its block mask into its own graph."""
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids)
+        model.set_attention_backend("flex")
+        try:
+            compiled = torch.compile(model, dynamic=False)(ids)
+        finally:
+            model.set_attention_backend("auto")
+    assert (compiled - expected).abs().max().item() <= 1e-4

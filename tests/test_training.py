@@ -16,14 +16,10 @@ from training_helpers import TINY_MODEL, make_stories, quick_config, stories_fil
 
 from slm.data import DataSpec, prepare_data
 from slm.loading import list_checkpoints, load_model
+from slm.optim import lr_at
 from slm.tokenizer import load_tokenizer
-from slm.training import (
-    TrainConfig,
-    lr_at,
-    read_metrics,
-    resume_config,
-    train,
-)
+from slm.train_config import TrainConfig, resume_config
+from slm.training import read_metrics, train
 
 
 def train_records(run_dir: Path) -> list[dict]:

@@ -68,7 +68,7 @@ def stories_file(folder: Path, count: int = 300) -> Path:
 
 
 def quick_config(tmp_path: Path, data: Path, **overrides: Any) -> Any:
-    from slm.training import TrainConfig
+    from slm.train_config import TrainConfig
 
     values: dict[str, Any] = dict(
         preset="tiny", model=dict(TINY_MODEL), context_length=32, data=str(data), cache_dir=str(tmp_path / "cache"),

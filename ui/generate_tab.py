@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gradio as gr
-import torch
 
 from slm import Gemma3LM, Tokenizer
 from slm.inspection import fit_to_length
@@ -79,31 +76,6 @@ def prepare_prompt(
     return ids, max_new_tokens, dropped
 
 
-CUDA_DECODE_LOCK = threading.Lock()
-
-
-def each_in_inference_mode(tokens: Iterator[int], device: torch.device) -> Iterator[int]:
-    """Advance a `stream_generate` iterator one token at a time, each step inside `torch.inference_mode()`.
-
-    `stream_generate` holds an inference-mode block open across its `yield`s. Gradio may resume a
-    generator on a different worker thread (inference mode is per thread), and "greedy vs sampled"
-    interleaves two generators whose blocks would close out of order; either way the generator's
-    in-place updates of inference tensors would then run outside inference mode and fail. Entering
-    inference mode around every step makes each step self-contained.
-
-    On CUDA the decode step may be a CUDA graph whose output buffer is shared by every caller, so
-    steps of concurrent requests take turns (the lock covers the replay and the copy of its output).
-    """
-    lock = CUDA_DECODE_LOCK if device.type == "cuda" else contextlib.nullcontext()
-    while True:
-        with lock, torch.inference_mode():
-            try:
-                token = next(tokens)
-            except StopIteration:
-                return
-        yield token
-
-
 def stream_text(
     model: Gemma3LM, tokenizer: Tokenizer, ids: list[int], settings: SamplingSettings, greedy: bool = False
 ) -> Iterator[tuple[str, int]]:
@@ -114,7 +86,7 @@ def stream_text(
         model, ids, settings.max_new_tokens, 0.0 if greedy else settings.temperature,
         settings.top_k, settings.top_p, settings.seed, stop_token_ids=[tokenizer.eot_id],
     )
-    for token in each_in_inference_mode(tokens, model.device):
+    for token in tokens:
         count += 1
         if token == tokenizer.eot_id:
             break

@@ -19,7 +19,7 @@ from slm import PRESETS
 from slm.data import DEFAULT_DATASET
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.plots import loss_figure
-from slm.training import TrainConfig
+from slm.train_config import TrainConfig
 
 from .common import AppSettings, allowed_path, integer, number, user_errors
 from .models import ModelPicker

@@ -1,0 +1,175 @@
+"""TrainConfig: everything that decides a training run, stored as `run.json` in its run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PRESETS, ModelConfig, preset
+from .data import DEFAULT_DATASET, DataSpec
+
+RUN_CONFIG_FILE = "run.json"
+DEFAULT_MAX_STEPS = 2000
+OPTIMIZERS = ("adamw", "muon")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. `None` fields are resolved when the run starts
+    (and stored resolved in `run.json`, so a resumed run uses the same values)."""
+
+    # model: a preset, optional ModelConfig field overrides, and the training context length
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None  # None: the preset's
+    # data (see slm.data.DataSpec)
+    data: str = DEFAULT_DATASET
+    val_data: str | None = None
+    max_stories: int | None = None
+    text_field: str = "text"
+    val_fraction: float = 0.01
+    cache_dir: str = ".cache/slm-data"
+    # length of the run: steps, or tokens (converted to steps)
+    max_steps: int | None = None  # None: from max_tokens, else DEFAULT_MAX_STEPS
+    max_tokens: int | None = None
+    # batch: batch_size sequences per device per micro-step, grad_accum micro-steps per optimizer step
+    batch_size: int | None = None  # None: 8 on CPU, 32 on a GPU
+    grad_accum: int = 1
+    # optimizer and schedule: linear warmup to lr, cosine decay to min_lr at the last step
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the blocks' matrices, AdamW for the rest)
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
+    weight_decay: float = 0.1  # matrices only; norms are never decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    # cadence
+    log_every: int = 10
+    eval_every: int | None = None  # None: a tenth of the run
+    eval_batches: int = 8
+    save_every: int | None = None  # None: at every evaluation
+    sample_tokens: int = 64  # length of the sample story written at each evaluation (0: none)
+    # where and how
+    out: str | None = None  # the run folder; None: checkpoints/<preset>-<date>-<time>
+    seed: int = 1337
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU), "fp32", ...
+    compile: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message for values a run cannot use."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        positive = ["grad_accum", "log_every", "eval_batches"]
+        optional_positive = [
+            "context_length", "max_steps", "max_tokens", "batch_size", "eval_every", "save_every", "max_stories",
+        ]
+        for name in positive + optional_positive:
+            value = getattr(self, name)
+            if value is None and name in optional_positive:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.min_lr is not None and not (0 <= self.min_lr < self.lr):
+            raise ValueError(f"min_lr must be at least 0 and below lr ({self.lr}), got {self.min_lr!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
+
+    def model_config(self) -> ModelConfig:
+        overrides = dict(self.model)
+        if self.context_length is not None:
+            overrides["context_length"] = self.context_length
+        return preset(self.preset, **overrides)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.data, self.max_stories, self.text_field, self.val_fraction, self.val_data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_json(Path(path).read_text())
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The config of an existing run, marked to resume, with non-None `overrides` applied."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {RUN_CONFIG_FILE}")
+    data = json.loads(path.read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("max_tokens") is not None and overrides.get("max_steps") is None:
+        data["max_steps"] = None  # recompute the steps from the new token budget
+    data["out"], data["resume"] = str(run_dir), True
+    return TrainConfig.from_dict(data)
+
+
+def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
+    """Fill every `None` default; the result is what run.json stores."""
+    c = dataclasses.replace(config, model=dict(config.model))
+    if c.context_length is None:
+        c.context_length = c.model_config().context_length
+    if c.batch_size is None:
+        c.batch_size = 32 if device.type == "cuda" else 8
+    if c.max_steps is None:
+        tokens_per_step = c.batch_size * c.grad_accum * c.context_length * world_size
+        c.max_steps = math.ceil(c.max_tokens / tokens_per_step) if c.max_tokens else DEFAULT_MAX_STEPS
+    if c.min_lr is None:
+        c.min_lr = c.lr / 10
+    if c.warmup_steps is None:
+        c.warmup_steps = min(1000, max(10, c.max_steps // 20))
+    if c.eval_every is None:
+        c.eval_every = max(1, c.max_steps // 10)
+    if c.save_every is None:
+        c.save_every = c.eval_every
+    if c.out is None:
+        c.out = str(Path("checkpoints") / f"{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    c.validate()
+    return c
