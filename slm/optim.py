@@ -10,6 +10,8 @@ import torch
 from .model import Gemma3LM
 from .train_config import TrainConfig
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup_steps` steps up to
@@ -24,7 +26,7 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 
 
 def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW (fused on CUDA) with weight decay on matrices only; with `optimizer="muon"`, Muon takes
+    """AdamW (one fused kernel on CPU and CUDA) with weight decay on matrices only; with `optimizer="muon"`, Muon takes
     the 2-D matrices inside the blocks and AdamW the embedding and norms.
 
     Every parameter group remembers its peak learning rate as `base_lr`; the schedule scales it.
@@ -45,7 +47,8 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
             groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
-            fused=True if device.type == "cuda" else None,
+            # fused: one pass over each tensor (on a CPU, 4-10x faster than the per-tensor loop)
+            fused=True if device.type in FUSED_ADAMW_DEVICES else None,
         )
     ]
     if muon_params:
