@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     length.add_argument("--max-steps", type=int, help="optimizer steps [2000]")
     length.add_argument("--max-tokens", type=int, help="training tokens, converted to steps")
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--batch-size", type=int, help="sequences per device per micro-step [8 on CPU, 32 on a GPU]")
+    opt.add_argument("--batch-size", type=int, help="sequences per device per micro-step [4 on CPU, 32 on a GPU]")
     opt.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step [1]")
     opt.add_argument("--optimizer", choices=["adamw", "muon"], help="[adamw]")
     opt.add_argument("--lr", type=float, help="peak learning rate [1e-3]")
