@@ -192,7 +192,7 @@ def bench_data(rounds: int) -> Table:
         torch.tensor(ids, dtype=torch.int32).numpy().astype("uint16").tofile("/dev/null")
 
     t = interleaved({"ours": ours, "peer": sequential}, rounds)
-    table.add(f"slm.data.prepare_data ({os.cpu_count()} threads of batch encoding, uint16 memmap)",
+    table.add(f"slm.data.prepare_data ({os.cpu_count()} threads encoding joined stories to numpy, uint16 memmap)",
               megabytes / t["ours"], t["peer"] / t["ours"])
     table.add("sequential encode_ordinary per story", megabytes / t["peer"], 1.0)
     return table

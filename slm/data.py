@@ -375,7 +375,6 @@ def prepare_data(
     threads = num_threads or os.cpu_count() or 1
     counts = {"train": [0, 0], "val": [0, 0]}  # stories, tokens
     started = time.perf_counter()
-    eot = np.array([tokenizer.eot_id], dtype=TOKENS_DTYPE)
     with atomic_directory(folder) as tmp:
         files = {split: open(tmp / f"{split}.bin", "wb") for split in ("train", "val")}  # noqa: SIM115
         bar = tqdm(total=total, unit=" stories", desc="tokenizing", disable=not progress, mininterval=1.0)
@@ -383,13 +382,12 @@ def prepare_data(
             for chunk in _chunks(pairs, ENCODE_CHUNK_CHARS):
                 if should_stop is not None and should_stop():
                     raise InterruptedError("data preparation was stopped")
-                encoded = tokenizer.encode_batch([story for _, story in chunk], num_threads=threads)
-                for (split, _), ids in zip(chunk, encoded, strict=True):
-                    out = files[split]
-                    out.write(np.asarray(ids, dtype=TOKENS_DTYPE).tobytes())
-                    out.write(eot.tobytes())
-                    counts[split][0] += 1
-                    counts[split][1] += len(ids) + 1
+                for split, out in files.items():
+                    stories = [story for s, story in chunk if s == split]
+                    ids = tokenizer.encode_documents(stories, num_threads=threads)  # each story + end-of-text
+                    out.write(ids.astype(TOKENS_DTYPE).tobytes())
+                    counts[split][0] += len(stories)
+                    counts[split][1] += ids.size
                 bar.update(len(chunk))
                 bar.set_postfix(tokens=f"{counts['train'][1] + counts['val'][1]:,}", refresh=False)
         finally:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
@@ -42,6 +45,25 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """Encode many texts in parallel (tiktoken releases the GIL), without special tokens."""
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def encode_documents(self, texts: Sequence[str], num_threads: int = 8) -> np.ndarray:
+        """Every text's `encode_ordinary` ids followed by the end-of-text token, as one uint32 array:
+        the stream training data is made of.
+
+        The texts are joined by end-of-text into `num_threads` pieces encoded in parallel; tiktoken
+        encodes the text between special tokens separately (so the ids are the same) and fills numpy
+        buffers without holding the GIL, where a list of Python ints per text would serialise the threads.
+        """
+        if not texts:
+            return np.empty(0, dtype=np.uint32)
+        if any(EOT_TEXT in text for text in texts):  # the literal string must stay text, not become a token
+            return np.concatenate([np.asarray([*self.encode_ordinary(t), self.eot_id], dtype=np.uint32) for t in texts])
+        count = max(1, min(num_threads, len(texts)))
+        size = math.ceil(len(texts) / count)
+        pieces = [EOT_TEXT.join(texts[i : i + size]) + EOT_TEXT for i in range(0, len(texts), size)]
+        with ThreadPoolExecutor(count) as pool:
+            arrays = list(pool.map(lambda p: self.encoding.encode_to_numpy(p, allowed_special={EOT_TEXT}), pieces))
+        return np.concatenate(arrays).astype(np.uint32, copy=False)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; bytes that do not form valid UTF-8 become U+FFFD."""

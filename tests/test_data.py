@@ -120,7 +120,7 @@ def test_a_second_run_reuses_the_cache_and_a_changed_file_is_prepared_again(
     def no_tokenizing(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(TOKENIZER, "encode_batch", no_tokenizing)
+    monkeypatch.setattr(TOKENIZER, "encode_documents", no_tokenizing)
     second = prepare(path, tmp_path / "cache")
     assert second.reused and second.folder == first.folder
     assert second.train.tolist() == first.train.tolist()
@@ -142,15 +142,15 @@ import time, slm.data as data
 from slm.tokenizer import load_tokenizer
 data.ENCODE_CHUNK_CHARS = 20_000  # about a dozen chunks
 tok = load_tokenizer()
-real = tok.encode_batch
+real = tok.encode_documents
 calls = []
 def slow(texts, num_threads=8):
     calls.append(1)
-    if len(calls) == 3:
+    if len(calls) == 5:  # the third chunk's training stories
         print("HALFWAY", flush=True)
         time.sleep(60)
     return real(texts, num_threads=num_threads)
-tok.encode_batch = slow
+tok.encode_documents = slow
 data.prepare_data(data.DataSpec({str(path)!r}), tok, {str(cache)!r}, progress=False)
 """
     proc = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)

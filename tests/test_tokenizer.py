@@ -55,3 +55,16 @@ def test_a_damaged_ranks_file_is_refused(tmp_path):
     bad.write_text("SGVsbG8= 0\n")
     with pytest.raises(ValueError, match="sha256"):
         load_tokenizer(str(bad))
+
+
+def test_documents_encode_to_each_text_then_end_of_text_in_parallel(tokenizer):
+    texts = [STORY, "", "  trailing space  ", "Hello world", "emoji 🐉 end\n"] * 7
+    expected = [t for text in texts for t in [*tokenizer.encode_ordinary(text), tokenizer.eot_id]]
+    for threads in (1, 3, 100):
+        assert tokenizer.encode_documents(texts, num_threads=threads).tolist() == expected
+    # a literal "<|endoftext|>" inside a text stays text
+    literal = ["a <|endoftext|> b", "c"]
+    assert tokenizer.encode_documents(literal).tolist() == [
+        *tokenizer.encode_ordinary(literal[0]), tokenizer.eot_id, *tokenizer.encode_ordinary("c"), tokenizer.eot_id
+    ]
+    assert tokenizer.encode_documents([]).size == 0
