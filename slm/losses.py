@@ -47,8 +47,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = grad_logits.to(h.dtype) if h.dtype != torch.float32 else grad_logits
                 w = weight[:vocab_size]
                 grad_hidden[lo : lo + step] = (g @ w.to(g.dtype)).to(hidden.dtype)
-                if g.dtype == torch.float32:
-                    grad_weight[:vocab_size].addmm_(g.t(), h)
+                if g.dtype == torch.float32:  # accumulate in place (written as out= so FLOP counters see it)
+                    rows = grad_weight[:vocab_size]
+                    torch.addmm(rows, g.t(), h, out=rows)
                 else:
                     grad_weight[:vocab_size] += (g.t() @ h.to(g.dtype)).float()
         if need_grad:
