@@ -44,7 +44,9 @@ def test_a_job_runs_in_the_background_is_polled_stopped_and_resumed(tmp_path: Pa
     assert status.max_steps == 100_000 and status.tokens == status.step * 4 * 32
     assert status.train_loss is not None and status.val_loss is not None and status.tokens_per_s > 0
     assert status.device.startswith("CPU") and status.mfu is None and status.eta_s > 0
-    assert status.sample.startswith("Once upon a time") and status.sample_step == 5
+    # the newest sample: written at an evaluation (every 5 steps), which a slow poll may see late
+    assert status.sample.startswith("Once upon a time") and status.sample_step % 5 == 0
+    assert 5 <= status.sample_step <= status.step
     assert str(run_dir) == status.run_dir
 
     with pytest.raises(TrainingBusyError, match="already in progress"):
