@@ -15,6 +15,21 @@ from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.loading import load_model
 
 
+@pytest.fixture
+def new_manager():
+    """TrainingManager factory; a job a failing test leaves running is stopped (these runs are 100k steps)."""
+    made: list[TrainingManager] = []
+
+    def make(runs: Path) -> TrainingManager:
+        made.append(TrainingManager(runs))
+        return made[-1]
+
+    yield make
+    for manager in made:
+        if manager.stop() and manager.wait(timeout=60).active:
+            os.kill(json.loads((Path(manager.status().run_dir) / "job.json").read_text())["pid"], signal.SIGKILL)
+
+
 def wait_for(manager: TrainingManager, condition, timeout: float = 120) -> JobStatus:
     deadline = time.monotonic() + timeout
     while True:
@@ -32,9 +47,9 @@ def long_config(tmp_path: Path, **overrides):
     return quick_config(tmp_path, stories_file(tmp_path), **values)
 
 
-def test_a_job_runs_in_the_background_is_polled_stopped_and_resumed(tmp_path: Path) -> None:
+def test_a_job_runs_in_the_background_is_polled_stopped_and_resumed(tmp_path: Path, new_manager) -> None:
     runs = tmp_path / "runs"
-    manager = TrainingManager(runs)
+    manager = new_manager(runs)
     assert manager.status().state == "idle" and manager.stop() is False and manager.metrics() == []
 
     run_dir = manager.start(long_config(tmp_path))
@@ -53,7 +68,7 @@ def test_a_job_runs_in_the_background_is_polled_stopped_and_resumed(tmp_path: Pa
         manager.start(long_config(tmp_path))
     with pytest.raises(TrainingBusyError):
         manager.resume(run_dir)
-    reattached = TrainingManager(runs)  # e.g. the server restarted while the job kept running
+    reattached = new_manager(runs)  # e.g. the server restarted while the job kept running
     assert reattached.status().state == "running" and reattached.status().run_dir == str(run_dir)
 
     assert manager.stop() is True
@@ -76,8 +91,8 @@ def test_a_job_runs_in_the_background_is_polled_stopped_and_resumed(tmp_path: Pa
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"  # drawn by the worker at each save
 
 
-def test_a_run_that_fails_is_reported_with_its_error_and_no_traceback(tmp_path: Path) -> None:
-    manager = TrainingManager(tmp_path / "runs")
+def test_a_run_that_fails_is_reported_with_its_error_and_no_traceback(tmp_path: Path, new_manager) -> None:
+    manager = new_manager(tmp_path / "runs")
     config = long_config(tmp_path, max_steps=3)
     config.data = str(tmp_path / "missing.txt")
     manager.start(config)
@@ -87,8 +102,8 @@ def test_a_run_that_fails_is_reported_with_its_error_and_no_traceback(tmp_path: 
     assert "Traceback" not in status.message and "\n" not in status.message
 
 
-def test_a_killed_worker_is_reported_as_failed_and_a_new_job_can_start(tmp_path: Path) -> None:
-    manager = TrainingManager(tmp_path / "runs")
+def test_a_killed_worker_is_reported_as_failed_and_a_new_job_can_start(tmp_path: Path, new_manager) -> None:
+    manager = new_manager(tmp_path / "runs")
     run_dir = manager.start(long_config(tmp_path))
     wait_for(manager, lambda s: s.state == "running" and s.step >= 1)
     pid = json.loads((run_dir / "job.json").read_text())["pid"]
