@@ -133,7 +133,10 @@ _COMPILE_LOCK = threading.Lock()
 def compiled_decode_step(model: Gemma3LM) -> tuple[Callable, threading.Lock]:
     """`model.decode_step` compiled once per model (kept on the model so it is reused across
     requests), with the lock that its callers hold while they run it."""
-    with _COMPILE_LOCK:
+    compiled = getattr(model, "_compiled_decode_step", None)
+    if compiled is not None:  # every token after the first: no lock on the hot path
+        return compiled
+    with _COMPILE_LOCK:  # the first request compiles; concurrent first requests wait for it
         if getattr(model, "_compiled_decode_step", None) is None:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
             step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
