@@ -28,6 +28,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_rows(weight.shape[0])
+        # the gradients' matmuls run in the hidden states' dtype (cast once, not once per chunk)
+        vocab_weight = weight[:vocab_size].to(hidden.dtype) if need_grad else None
         for lo in range(0, n_rows, step):
             h = hidden[lo : lo + step]
             t = safe_targets[lo : lo + step]
@@ -44,14 +46,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(mean loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, zero elsewhere
                 grad_logits = probs.mul_((row_weight / total)[:, None])
                 grad_logits[torch.arange(len(t), device=t.device), t] -= row_weight
-                g = grad_logits.to(h.dtype) if h.dtype != torch.float32 else grad_logits
-                w = weight[:vocab_size]
-                grad_hidden[lo : lo + step] = (g @ w.to(g.dtype)).to(hidden.dtype)
+                g = grad_logits.to(hidden.dtype)  # a no-op in fp32
+                grad_hidden[lo : lo + step] = g @ vocab_weight
                 if g.dtype == torch.float32:  # accumulate in place (written as out= so FLOP counters see it)
                     rows = grad_weight[:vocab_size]
                     torch.addmm(rows, g.t(), h, out=rows)
                 else:
-                    grad_weight[:vocab_size] += (g.t() @ h.to(g.dtype)).float()
+                    grad_weight[:vocab_size] += (g.t() @ h).float()
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
