@@ -204,10 +204,13 @@ class Engine:
                 state.twin = decode_twin(model)
             target = state.twin
         mode = "reduce-overhead" if self._uses_cuda_graphs(model) else None
-        if mode is not None:
-            for layer in cache.layers:
-                for tensor in (layer.k, layer.v, layer.positions):
+        for layer in cache.layers:
+            for tensor in (layer.k, layer.v, layer.positions):
+                if mode is not None:
                     torch._dynamo.mark_static_address(tensor)
+                # the cache length is a symbol: every bucket shares one generated kernel (compiled once,
+                # then found in inductor's cache), while each cache still gets its own traced graph
+                torch._dynamo.mark_dynamic(tensor, tensor.dim() - 2 if tensor.dim() > 1 else 0)
         compiled = torch.compile(_fresh_decode_function(self.compiled_count), mode=mode, fullgraph=True,
                                  dynamic=False)
         return lambda cache_, token, position: compiled(target, cache_, token, position)
