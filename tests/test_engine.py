@@ -70,7 +70,7 @@ def test_compiled_decoding_under_app_like_load(models, caplog):
                     results[(m, n, round_)] = slm.generate(
                         models[m], prompt(n, m), NEW_TOKENS, temperature=0, compiled=True, engine=engine
                     )
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     with caplog.at_level(logging.WARNING, logger="slm.engine"):
