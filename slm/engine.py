@@ -151,12 +151,17 @@ class _DecodeThread:
 class Engine:
     """Static caches and compiled decode steps for every model it has served; safe across threads."""
 
-    def __init__(self, decode_thread: bool | None = None, max_compiled: int = MAX_COMPILED_STEPS) -> None:
+    def __init__(
+        self, decode_thread: bool | None = None, max_compiled: int = MAX_COMPILED_STEPS, backend: str = "inductor"
+    ) -> None:
+        """`decode_thread` forces the dedicated decode thread on or off (default: where CUDA graphs are
+        used); `backend` is torch.compile's ("eager" traces and guards without generating code: dry runs)."""
         self._states: weakref.WeakKeyDictionary[Gemma3LM, _ModelState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._decode_thread_choice = decode_thread
         self._decode_thread: _DecodeThread | None = None
         self.max_compiled = max_compiled
+        self.backend = backend
         self.compiled_count = 0
         self._limit_warned = False
 
@@ -203,7 +208,7 @@ class Engine:
             if state.twin is None:
                 state.twin = decode_twin(model)
             target = state.twin
-        mode = "reduce-overhead" if self._uses_cuda_graphs(model) else None
+        mode = "reduce-overhead" if self._uses_cuda_graphs(model) and self.backend == "inductor" else None
         for layer in cache.layers:
             for tensor in (layer.k, layer.v, layer.positions):
                 if mode is not None:
@@ -211,8 +216,8 @@ class Engine:
                 # the cache length is a symbol: every bucket shares one generated kernel (compiled once,
                 # then found in inductor's cache), while each cache still gets its own traced graph
                 torch._dynamo.mark_dynamic(tensor, tensor.dim() - 2 if tensor.dim() > 1 else 0)
-        compiled = torch.compile(_fresh_decode_function(self.compiled_count), mode=mode, fullgraph=True,
-                                 dynamic=False)
+        compiled = torch.compile(_fresh_decode_function(self.compiled_count), backend=self.backend, mode=mode,
+                                 fullgraph=True, dynamic=False)
         return lambda cache_, token, position: compiled(target, cache_, token, position)
 
     @contextlib.contextmanager
