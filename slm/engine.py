@@ -203,11 +203,11 @@ class Engine:
                 log.warning("%d compiled decode steps exist: further caches decode eagerly", self.max_compiled)
             return None
         self.compiled_count += 1
-        target = model
+        twin = None
         if model.device.type == "cpu" and cache.batch_size == 1:
             if state.twin is None:
                 state.twin = decode_twin(model)
-            target = state.twin
+            twin = state.twin
         mode = "reduce-overhead" if self._uses_cuda_graphs(model) and self.backend == "inductor" else None
         for layer in cache.layers:
             for tensor in (layer.k, layer.v, layer.positions):
@@ -218,7 +218,11 @@ class Engine:
                 torch._dynamo.mark_dynamic(tensor, tensor.dim() - 2 if tensor.dim() > 1 else 0)
         compiled = torch.compile(_fresh_decode_function(self.compiled_count), backend=self.backend, mode=mode,
                                  fullgraph=True, dynamic=False)
-        return lambda cache_, token, position: compiled(target, cache_, token, position)
+        # the model itself is passed at each call, never captured: the engine must not keep alive a
+        # model the app has dropped (the twin shares its weights but is not the model)
+        if twin is not None:
+            return lambda model_, cache_, token, position: compiled(twin, cache_, token, position)
+        return compiled
 
     @contextlib.contextmanager
     def lease(self, model: Gemma3LM, batch_size: int, needed: int, compiled: bool | None = None) -> Iterator[_Slot]:
@@ -264,9 +268,9 @@ class Engine:
                     if self._decode_thread is None:
                         with self._lock:
                             self._decode_thread = self._decode_thread or _DecodeThread()
-                    logits = self._decode_thread.run(slot.step, slot.cache, token, position)
+                    logits = self._decode_thread.run(slot.step, model, slot.cache, token, position)
                 else:
-                    logits = slot.step(slot.cache, token, position)
+                    logits = slot.step(model, slot.cache, token, position)
                 slot.compiled_once.set()
                 return logits.clone() if self._uses_cuda_graphs(model) else logits
             except Exception as exc:  # compile error, recompile limit, no compiler for this device, ...

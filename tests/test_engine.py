@@ -150,3 +150,19 @@ def test_caches_are_reused_across_requests(models):
     long_then_short = [slm.generate(model, prompt(n), 5, temperature=0, compiled=False, engine=engine)
                        for n in (50, 4)]
     assert long_then_short[1] == slm.generate(model, prompt(4), 5, temperature=0, compiled=False, engine=Engine())
+
+
+def test_the_engine_does_not_keep_a_dropped_model_alive():
+    """An app evicts models it no longer shows; their caches and compiled steps must go with them."""
+    import gc
+    import weakref
+
+    engine = Engine(backend="eager")  # compiled (traced, guarded) without generating code: quick
+    model = make_models(1)[0]
+    eager = slm.generate(model, prompt(5), 4, temperature=0, compiled=False)
+    assert slm.generate(model, prompt(5), 4, temperature=0, compiled=True, engine=engine) == eager
+    assert engine.compiled_count == 1
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
