@@ -47,10 +47,10 @@ def graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def check_bf16_parity(device: torch.device, name: str) -> Result:
+def check_bf16_parity(device: torch.device, name: str, batch: int, length: int) -> Result:
     """The same weights in fp32 and bf16 (and fp32 under bf16 autocast): loss and next-token agreement."""
     model = build_model(config_for(name), device=device, seed=0).eval()
-    ids = torch.randint(0, model.config.vocab_size, (4, 128), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     with torch.no_grad():
         ref_logits = model(ids).float()
         ref_loss = model.loss(ids[:, :-1], ids[:, 1:]).item()
@@ -173,7 +173,7 @@ def run(dry_run: bool) -> list[Result]:
     if dry_run:
         OVERRIDES.update(DRY_RUN_OVERRIDES)
         device = torch.device("cpu")
-        settings = dict(model="tiny", batch=2, length=32, steps=3, backend="eager", new_tokens=4)
+        settings = dict(model="tiny", batch=2, length=32, steps=2, backend="eager", new_tokens=4)
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA GPU here: run with --dry-run for the CPU rehearsal")
@@ -181,12 +181,12 @@ def run(dry_run: bool) -> list[Result]:
         torch.backends.cuda.matmul.allow_tf32 = True
         settings = dict(model="small", batch=16, length=512, steps=30, backend="inductor", new_tokens=48)
     checks: list[tuple[str, Callable[[], Result]]] = [
-        ("bf16", lambda: check_bf16_parity(device, settings["model"])),
+        ("bf16", lambda: check_bf16_parity(device, settings["model"], settings["batch"], settings["length"])),
         ("train", lambda: check_compiled_training(device, settings["model"], settings["batch"], settings["length"],
                                                   settings["steps"], settings["backend"])),
         ("generate", lambda: check_threaded_generation(device, "tiny" if dry_run else "small",
                                                        Engine(backend=settings["backend"]), settings["new_tokens"])),
-        ("flex", lambda: check_flex_vs_sdpa(device, settings["model"], 256 if dry_run else 1024)),
+        ("flex", lambda: check_flex_vs_sdpa(device, settings["model"], 128 if dry_run else 1024)),
         ("memory", lambda: peak_memory(device)),
     ]
     results = []
