@@ -372,7 +372,8 @@ def _device_tokens(
             yield token
             if step + 1 < max_new_tokens:
                 with torch.no_grad():
-                    logits = engine.step(model, slot, token[:, None], position)
+                    # a NaN row's token is -1 until the caller looks; the model is fed a valid id meanwhile
+                    logits = engine.step(model, slot, token.clamp(min=0)[:, None], position)
                     position.add_(1)
 
 
