@@ -33,6 +33,9 @@ def duration(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
+
+    d = TrainConfig  # the defaults shown in the help are TrainConfig's: one source for CLI, API and UI
     p = argparse.ArgumentParser(
         description="Train a Gemma 3-style language model from scratch (see slm/train_config.py for every knob).",
         epilog="Values in [brackets] are the defaults.",
@@ -55,14 +58,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "end of this budget (wall time, evaluations included); with --max-steps/--max-tokens, "
                    "whichever ends first")
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--batch-size", type=int, help="sequences per device per micro-step [4 on CPU, 32 on a GPU]")
-    opt.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step [1]")
-    opt.add_argument("--optimizer", choices=["adamw", "muon"], help="[adamw]")
-    opt.add_argument("--lr", type=float, help="peak learning rate [1e-3]")
-    opt.add_argument("--min-lr", type=float, help="learning rate at the last step [lr / 10]")
-    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps]")
-    opt.add_argument("--weight-decay", type=float, help="[0.1]")
-    opt.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off [1.0]")
+    opt.add_argument("--batch-size", type=int,
+                     help=f"sequences per device per micro-step [{CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on a GPU]")
+    opt.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step [{d.grad_accum}]")
+    opt.add_argument("--optimizer", choices=["adamw", "muon"],
+                     help=f"muon: Muon for the blocks' matrices, AdamW for the rest [{d.optimizer}]")
+    opt.add_argument("--lr", type=float, help=f"peak learning rate of the blocks' matrices and norms [{d.lr:g}]")
+    opt.add_argument("--embedding-lr", type=float,
+                     help=f"peak learning rate of the token embedding [{d.embedding_lr or 'lr'}]")
+    opt.add_argument("--schedule", choices=["wsd", "cosine"],
+                     help=f"after warmup: wsd holds the peak, then decays linearly; cosine decays all along "
+                     f"[{d.schedule}]")
+    opt.add_argument("--decay-fraction", type=float, help=f"wsd: share of the run spent decaying [{d.decay_fraction}]")
+    opt.add_argument("--min-lr", type=float, help="learning rate at the last step [0 with wsd, lr / 10 with cosine]")
+    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps, 20 for a time budget]")
+    opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
+    opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",

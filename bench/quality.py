@@ -3,13 +3,15 @@
 trained by a plain AdamW loop (bench/peer.py) on the same TinyStories sample, at fixed token budgets
 and at fixed wall-clock budgets. Held-out loss and bits per byte on every token of valid-first-1000.txt.
 
-    python bench/quality.py --peer-lr 2e-3 --notes bench/QUALITY.md          # the whole judge (~1 h)
+    python bench/quality.py --peer-lr 2e-3 5e-3 --notes bench/QUALITY.md     # the whole judge (~1 h)
     python bench/quality.py --budgets 400k 5m --peer-lr 2e-3                   # some budgets only
 
-Each budget trains both sides at the same time, in two processes of one thread each, so that a busy
-machine slows both alike; the time budgets count the whole wall time of each loop (our evaluations
-and samples included) and the final held-out scoring follows. Rows are appended to --rows as they
-finish, so a run cut short keeps what it measured; `--table ROWS` prints the table of such a file.
+Each budget trains both sides at the same time, in processes of one thread each, so that a busy
+machine slows both alike. The first budget sweeps the peer's learning rate (one process per value of
+--peer-lr); the later budgets give the peer the best of them. The time budgets count the whole wall
+time of each loop (our evaluations and samples included); the held-out scoring follows. Rows are
+appended to --rows as they finish, so a run cut short keeps what it measured; `--table ROWS` prints
+the table of such a file.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
     return None, parse_duration(text)
 
 
-def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: Path | None) -> None:
+def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: Path | None,
+             val_limit: int | None) -> None:
     """Train one side for one budget in this process and append its row to `out`."""
     import torch
 
@@ -53,7 +56,7 @@ def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: P
         with tempfile.TemporaryDirectory(prefix="slm-quality-") as tmp:
             # the defaults, as a user gets them: periodic evaluations and samples count against a time budget
             setting = {"eval_batches": 8, "sample_tokens": 64}
-            row = train_ours(setting, tokens, seconds, Path(tmp), None)
+            row = train_ours(setting, tokens, seconds, Path(tmp), val_limit)
             if greedy_file is not None:
                 from slm.loading import load_model
                 from slm.sampling import generate
@@ -69,7 +72,7 @@ def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: P
     else:
         from bench.peer import train_peer
 
-        row = train_peer(lr=lr, tokens=tokens, seconds=seconds)
+        row = train_peer(lr=lr, tokens=tokens, seconds=seconds, val_limit=val_limit)
     row = {k: v for k, v in row.items() if k != "run_dir"}
     row.update(side=side, budget=budget, lr=lr)
     with open(out, "a") as f:
@@ -89,7 +92,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), help="e.g. 400k 1M 5m 15m")
-    p.add_argument("--peer-lr", type=float, default=2e-3, help="the peer's learning rate (its sweep's best)")
+    p.add_argument("--peer-lr", type=float, nargs="+", default=[2e-3, 5e-3],
+                   help="the peer's learning rates, swept at the first budget")
+    p.add_argument("--val-tokens", type=int, default=65_536, help="held-out tokens scored (0: all of the file)")
     p.add_argument("--rows", type=Path, default=Path("quality-rows.jsonl"), help="where rows are appended")
     p.add_argument("--greedy", type=Path, help="write the greedy text of the 5-minute model here")
     p.add_argument("--notes", type=Path, help="append the table, with machine and date, to this file")
@@ -97,18 +102,25 @@ def main() -> int:
     p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
     if args.side:
-        one_side(args.side, args.budgets[0], args.peer_lr, args.rows, args.greedy)
+        one_side(args.side, args.budgets[0], args.peer_lr[0], args.rows, args.greedy, args.val_tokens or None)
         return 0
     if args.table is None:
-        for budget in args.budgets:
+        peer_lrs = list(args.peer_lr)
+        for k, budget in enumerate(args.budgets):
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
             base = [sys.executable, __file__, "--budgets", budget, "--rows", str(args.rows),
-                    "--peer-lr", str(args.peer_lr)]
+                    "--val-tokens", str(args.val_tokens)]
             greedy = ["--greedy", str(args.greedy)] if args.greedy and budget == "5m" else []
-            children = [subprocess.Popen([*base, "--side", side, *(greedy if side == "ours" else [])], env=env)
-                        for side in ("ours", "peer")]
-            codes = [c.wait() for c in children]
+            commands = [[*base, "--side", "ours", *greedy]]
+            commands += [[*base, "--side", "peer", "--peer-lr", str(lr)] for lr in peer_lrs]
+            codes = [c.wait() for c in [subprocess.Popen(command, env=env) for command in commands]]
             print(f"{time.strftime('%H:%M:%S')} budget {budget}: exit codes {codes}", flush=True)
+            if k == 0 and len(peer_lrs) > 1:  # the peer's sweep: keep its best learning rate
+                rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+                swept = [r for r in rows if r["side"] == "peer" and r["budget"] == budget]
+                if swept:
+                    peer_lrs = [min(swept, key=lambda r: r["loss"])["lr"]]
+                    print(f"the peer's best learning rate at {budget}: {peer_lrs[0]:g}", flush=True)
     rows = [json.loads(line) for line in (args.table or args.rows).read_text().splitlines() if line.strip()]
     report = (f"### Quality judge ({time.strftime('%Y-%m-%d')}, {cpu_name()}, torch, revision {git_revision()})\n\n"
               f"{table(rows)}\n")

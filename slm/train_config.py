@@ -17,8 +17,16 @@ from .data import DEFAULT_DATASET, DataSpec
 
 RUN_CONFIG_FILE = "run.json"
 DEFAULT_MAX_STEPS = 2000
-CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given
+CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
 GPU_BATCH_SIZE = 32
+TINYSTORIES_TOKENS = 470_000_000  # one epoch of TinyStories' train split with the GPT-2 tokenizer (approx.)
+# On a GPU, with no batch size and no length given: a full TinyStories epoch at ~32k tokens per step
+# (README "GPU recipes" has the arithmetic and the predicted H100 times).
+GPU_RECIPES: dict[str, dict[str, int]] = {
+    "tiny": {"batch_size": 64, "max_tokens": TINYSTORIES_TOKENS},
+    "small": {"batch_size": 64, "max_tokens": TINYSTORIES_TOKENS},
+    "gemma3-270m": {"batch_size": 32, "max_tokens": TINYSTORIES_TOKENS},
+}
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,12 +56,13 @@ class TrainConfig:
     batch_size: int | None = None  # None: 4 on CPU (300 tiny steps in minutes), 32 on a GPU
     grad_accum: int = 1
     # optimizer and schedule: linear warmup to the peak, then `schedule` down to min_lr at the last step
-    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the blocks' matrices, AdamW for the rest)
-    lr: float = 1e-3  # peak learning rate of the blocks' matrices and the norms
+    # (the defaults are the measured recipe: bench/QUALITY.md has the sweep that chose them)
+    optimizer: str = "muon"  # "muon" (Muon for the blocks' matrices, AdamW for the rest), or "adamw"
+    lr: float = 1e-2  # peak learning rate of the blocks' matrices and the norms
     embedding_lr: float | None = None  # peak learning rate of the (tied) token embedding; None: lr
-    schedule: str = "cosine"  # "wsd" (warmup-stable-decay) or "cosine"
+    schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
     decay_fraction: float = 0.3  # wsd: the share of the run (steps, or time budget) spent decaying
-    min_lr: float | None = None  # None: lr / 10
+    min_lr: float | None = None  # None: 0 with wsd, lr / 10 with cosine
     warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
     weight_decay: float = 0.1  # matrices only; norms are never decayed
     beta1: float = 0.9
@@ -191,13 +200,16 @@ def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -
     c = dataclasses.replace(config, model=dict(config.model))
     if c.context_length is None:
         c.context_length = c.model_config().context_length
+    recipe = GPU_RECIPES.get(c.preset, {}) if device.type == "cuda" and not c.model else {}
     if c.batch_size is None:
-        c.batch_size = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+        c.batch_size = recipe.get("batch_size", GPU_BATCH_SIZE) if device.type == "cuda" else CPU_BATCH_SIZE
+        if c.max_steps is None and c.max_tokens is None and c.max_time is None and c.data == DEFAULT_DATASET:
+            c.max_tokens = recipe.get("max_tokens")  # the whole recipe: a full TinyStories epoch
     if c.max_steps is None and (c.max_tokens or c.max_time is None):  # a time budget alone: no step limit
         tokens_per_step = c.batch_size * c.grad_accum * c.context_length * world_size
         c.max_steps = math.ceil(c.max_tokens / tokens_per_step) if c.max_tokens else DEFAULT_MAX_STEPS
     if c.min_lr is None:
-        c.min_lr = c.lr / 10
+        c.min_lr = 0.0 if c.schedule == "wsd" else c.lr / 10
     if c.warmup_steps is None:
         c.warmup_steps = min(1000, max(10, c.max_steps // 20)) if c.max_steps is not None else 20
     if c.eval_every is None and c.max_steps is not None and c.max_time is None:
