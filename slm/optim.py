@@ -42,7 +42,8 @@ def lr_factor(progress: float, min_ratio: float, schedule: str, decay_fraction: 
     stable = 1.0 - decay_fraction
     if progress <= stable or decay_fraction <= 0:
         return 1.0
-    return 1.0 - (1.0 - min_ratio) * (progress - stable) / decay_fraction
+    remaining = (1.0 - progress) / decay_fraction  # 1 where the decay starts, 0 at the end
+    return min_ratio + (1.0 - min_ratio) * max(0.0, remaining)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -488,7 +488,8 @@ class Trainer:
         return lr_factor(progress, c.min_lr / c.lr, c.schedule, c.decay_fraction)
 
     def time_is_up(self) -> bool:
-        """A resumed time-boxed run whose budget is already spent trains no further."""
+        """The time budget is spent (a resumed run in that state trains no further; a running one has just
+        taken its last step, at min_lr, since a step that starts this late is always the last)."""
         c = self.config
         return c.max_time is not None and self.elapsed() >= c.max_time
 
@@ -649,7 +650,9 @@ class Trainer:
             self.next_eval_s = (math.floor(self.elapsed_before / (c.max_time / 10)) + 1) * c.max_time / 10
         stopped = False
         try:
-            while (c.max_steps is None or self.step < c.max_steps) and not self.time_is_up():
+            while c.max_steps is None or self.step < c.max_steps:
+                if self.step == self.start_step and self.time_is_up():  # resumed with its budget spent
+                    break
                 stop, self.last_by_time = self.agreed_flags(self.stop_requested_locally(), self.last_step_by_time())
                 if stop:
                     stopped = True
