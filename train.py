@@ -33,8 +33,9 @@ def duration(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
+    from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, GPU_RECIPES, TrainConfig
 
+    gpu_batches = ", ".join(f"{name} {recipe['batch_size']}" for name, recipe in GPU_RECIPES.items())
     d = TrainConfig  # the defaults shown in the help are TrainConfig's: one source for CLI, API and UI
     p = argparse.ArgumentParser(
         description="Train a Gemma 3-style language model from scratch (see slm/train_config.py for every knob).",
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "whichever ends first")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--batch-size", type=int,
-                     help=f"sequences per device per micro-step [{CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on a GPU]")
+                     help=f"sequences per device per micro-step [{CPU_BATCH_SIZE} on CPU; on a GPU the preset's "
+                     f"recipe ({gpu_batches}), else {GPU_BATCH_SIZE}]")
     opt.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step [{d.grad_accum}]")
     opt.add_argument("--optimizer", choices=["adamw", "muon"],
                      help=f"muon: Muon for the blocks' matrices, AdamW for the rest [{d.optimizer}]")
