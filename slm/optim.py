@@ -51,7 +51,7 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
 
-def parameter_groups(model: Gemma3LM, optimizer: str) -> dict[str, list[torch.nn.Parameter]]:
+def parameter_groups(model: Gemma3LM) -> dict[str, list[torch.nn.Parameter]]:
     """The model's parameters by role: "matrices" (2-D weights inside the blocks; Muon's under "muon"),
     "embedding" (the token embedding, tied to the output head), "head" (an untied output head) and
     "norms" (the 1-D norm weights)."""
@@ -75,7 +75,7 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
 
     Every parameter group remembers its peak learning rate as `base_lr`; the schedule scales it.
     """
-    roles = parameter_groups(model, config.optimizer)
+    roles = parameter_groups(model)
     embedding_lr = config.embedding_lr if config.embedding_lr is not None else config.lr
     adam_groups = [
         {"params": roles["embedding"], "weight_decay": config.weight_decay, "base_lr": embedding_lr},
