@@ -212,8 +212,8 @@ def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -
         c.min_lr = 0.0 if c.schedule == "wsd" else c.lr / 10
     if c.warmup_steps is None:
         c.warmup_steps = min(1000, max(10, c.max_steps // 20)) if c.max_steps is not None else 20
-    if c.eval_every is None and c.max_steps is not None and c.max_time is None:
-        c.eval_every = max(1, c.max_steps // 10)  # time-boxed runs evaluate after each tenth of the budget
+    if c.eval_every is None and c.max_steps is not None:
+        c.eval_every = max(1, c.max_steps // 10)  # a time budget alone: after each tenth of the budget
     if c.save_every is None:
         c.save_every = c.eval_every  # None: at every evaluation
     if c.out is None:

@@ -506,14 +506,10 @@ class Trainer:
         return c.max_time is not None and self.elapsed() + 2 * self.step_seconds >= c.max_time
 
     def time_to_evaluate(self) -> bool:
-        """Time-boxed runs without `eval_every` evaluate after each tenth of the budget."""
+        """Time-boxed runs without `eval_every` evaluate a tenth of the budget after the previous evaluation
+        ended (so that on a slow machine evaluations cannot crowd out the training)."""
         c = self.config
-        if c.max_time is None or c.eval_every is not None:
-            return False
-        due = self.elapsed() >= self.next_eval_s
-        if due:
-            self.next_eval_s = (math.floor(self.elapsed() / (c.max_time / 10)) + 1) * c.max_time / 10
-        return due
+        return c.max_time is not None and c.eval_every is None and self.elapsed() >= self.next_eval_s
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -647,7 +643,7 @@ class Trainer:
                 self.bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True)
         self.session_start = self.interval_start = time.perf_counter()
         if c.max_time is not None:
-            self.next_eval_s = (math.floor(self.elapsed_before / (c.max_time / 10)) + 1) * c.max_time / 10
+            self.next_eval_s = self.elapsed_before + c.max_time / 10
         stopped = False
         try:
             while c.max_steps is None or self.step < c.max_steps:
@@ -668,6 +664,8 @@ class Trainer:
                 evaluate = self.agreed_flags(evaluate or self.time_to_evaluate(), False)[0]
                 if self.step % c.log_every == 0 or self.step == 1 or evaluate:
                     self.log(grad_norm, evaluate)
+                if evaluate and c.max_time is not None:
+                    self.next_eval_s = self.elapsed() + c.max_time / 10
                 save_due = self.step % c.save_every == 0 if c.save_every is not None else evaluate
                 if save_due and not final:
                     self.save_latest()
