@@ -18,10 +18,25 @@ from pathlib import Path
 from typing import Any
 
 # flags that may change when a run is resumed; everything else would make it a different run
-RESUMABLE_OVERRIDES = ("max_steps", "max_tokens", "device", "dtype", "compile", "eval_every", "save_every", "log_every")
+RESUMABLE_OVERRIDES = (
+    "max_steps", "max_tokens", "max_time", "device", "dtype", "compile", "eval_every", "save_every", "log_every",
+)
+
+
+def duration(text: str) -> float:
+    from slm.train_config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, GPU_RECIPES, TrainConfig
+
+    gpu_batches = ", ".join(f"{name} {recipe['batch_size']}" for name, recipe in GPU_RECIPES.items())
+    d = TrainConfig  # the defaults shown in the help are TrainConfig's: one source for CLI, API and UI
     p = argparse.ArgumentParser(
         description="Train a Gemma 3-style language model from scratch (see slm/train_config.py for every knob).",
         epilog="Values in [brackets] are the defaults.",
@@ -39,15 +54,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     length = p.add_argument_group("length (one of)").add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, help="optimizer steps [2000]")
     length.add_argument("--max-tokens", type=int, help="training tokens, converted to steps")
+    p.add_argument("--max-time", type=duration, metavar="TIME",
+                   help="train for this long: seconds (300) or 90s, 10m, 1h; the learning rate decays to the "
+                   "end of this budget (wall time, evaluations included); with --max-steps/--max-tokens, "
+                   "whichever ends first")
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--batch-size", type=int, help="sequences per device per micro-step [4 on CPU, 32 on a GPU]")
-    opt.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step [1]")
-    opt.add_argument("--optimizer", choices=["adamw", "muon"], help="[adamw]")
-    opt.add_argument("--lr", type=float, help="peak learning rate [1e-3]")
-    opt.add_argument("--min-lr", type=float, help="learning rate at the last step [lr / 10]")
-    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps]")
-    opt.add_argument("--weight-decay", type=float, help="[0.1]")
-    opt.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off [1.0]")
+    opt.add_argument("--batch-size", type=int,
+                     help=f"sequences per device per micro-step [{CPU_BATCH_SIZE} on CPU; on a GPU the preset's "
+                     f"recipe ({gpu_batches}), else {GPU_BATCH_SIZE}]")
+    opt.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step [{d.grad_accum}]")
+    opt.add_argument("--optimizer", choices=["adamw", "muon"],
+                     help=f"muon: Muon for the blocks' matrices, AdamW for the rest [{d.optimizer}]")
+    opt.add_argument("--lr", type=float, help=f"peak learning rate of the blocks' matrices and norms [{d.lr:g}]")
+    opt.add_argument("--embedding-lr", type=float,
+                     help=f"peak learning rate of the token embedding [{d.embedding_lr or 'lr'}]")
+    opt.add_argument("--schedule", choices=["wsd", "cosine"],
+                     help=f"after warmup: wsd holds the peak, then decays linearly; cosine decays all along "
+                     f"[{d.schedule}]")
+    opt.add_argument("--decay-fraction", type=float, help=f"wsd: share of the run spent decaying [{d.decay_fraction}]")
+    opt.add_argument("--min-lr", type=float, help="learning rate at the last step [0 with wsd, lr / 10 with cosine]")
+    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps, 20 for a time budget]")
+    opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
+    opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",
@@ -82,18 +110,25 @@ def build_config(args: argparse.Namespace) -> Any:
     return resume_config(run_dir, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
 
 
-def summary(result: Any) -> str:
-    def loss(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    return f"{int(minutes)}m{seconds:04.1f}s"
 
-    minutes, seconds = divmod(result.elapsed_s, 60)
+
+def summary(result: Any) -> str:
+    def loss(value: float | None, bpb: float | None = None) -> str:
+        text = "-" if value is None else f"{value:.4f}"
+        return text + (f" ({bpb:.3f} bits/byte)" if bpb is not None else "")
+
+    steps = f"{result.step:,}" + (f"/{result.max_steps:,}" if result.max_steps is not None else "")
+    budget = f" of a {clock(result.max_time)} budget" if result.max_time is not None else ""
     lines = [
         "",
-        f"{'stopped' if result.stopped else 'finished'} at step {result.step:,}/{result.max_steps:,} "
-        f"({result.tokens:,} tokens) in {int(minutes)}m{seconds:04.1f}s"
+        f"{'stopped' if result.stopped else 'finished'} at step {steps} ({result.tokens:,} tokens) "
+        f"in {clock(result.elapsed_s)}{budget}"
         + (f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""),
-        f"  train loss {loss(result.train_loss)}   val loss {loss(result.val_loss)}   "
-        f"best val loss {loss(result.best_val_loss)}",
+        f"  train loss {loss(result.train_loss, result.train_bpb)}   "
+        f"val loss {loss(result.val_loss, result.val_bpb)}   best val loss {loss(result.best_val_loss)}",
         f"  run folder   {result.run_dir}",
     ]
     if result.checkpoint is None:
@@ -102,8 +137,10 @@ def summary(result: Any) -> str:
     lines += [
         f"  checkpoint   {result.checkpoint}   (best: {result.run_dir / 'best'})",
         f"  loss plot    {result.run_dir / 'loss.png'}",
+        f"  samples      {result.run_dir / 'samples.jsonl'}",
     ]
-    if result.stopped or result.step < result.max_steps:
+    unfinished = result.step < result.max_steps if result.max_steps is not None else result.elapsed_s < result.max_time
+    if result.stopped or unfinished:
         lines.append(f"  continue     python train.py --resume {result.run_dir}")
     return "\n".join(lines)
 

@@ -1,139 +1,129 @@
 #!/usr/bin/env python
-"""Quality proxy: train `tiny` on the shared TinyStories sample for a fixed token budget and report
-the loss on `valid-first-1000.txt`, for AdamW and Muon side by side (tokens-to-loss).
+"""The quality judge: our default recipe against transformers' Gemma3ForCausalLM of the same size,
+trained by a plain AdamW loop (bench/peer.py) on the same TinyStories sample, at fixed token budgets
+and at fixed wall-clock budgets. Held-out loss and bits per byte on every token of valid-first-1000.txt.
 
-    python bench/quality.py --tokens 500000                      # both optimizers
-    python bench/quality.py --tokens 2000000 --optimizer muon --notes bench/QUALITY.md
+    python bench/quality.py --peer-lr 2e-3 5e-3 --notes bench/QUALITY.md     # the whole judge (~1 h)
+    python bench/quality.py --budgets 400k 5m --peer-lr 2e-3                   # some budgets only
 
-The final loss is measured on every token of the validation file (non-overlapping windows of the
-context length); "tokens to loss X" reads the periodic evaluations on a fixed subset of it.
+Each budget trains both sides at the same time, in processes of one thread each, so that a busy
+machine slows both alike. The first budget sweeps the peer's learning rate (one process per value of
+--peer-lr); the later budgets give the peer the best of them. The time budgets count the whole wall
+time of each loop (our evaluations and samples included); the held-out scoring follows. Rows are
+appended to --rows as they finish, so a run cut short keeps what it measured; `--table ROWS` prints
+the table of such a file.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import platform
+import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slm.data import iter_file_stories  # noqa: E402
-from slm.loading import load_model  # noqa: E402
-from slm.tokenizer import load_tokenizer  # noqa: E402
-from slm.train_config import TrainConfig  # noqa: E402
-from slm.training import read_metrics, train  # noqa: E402
+from bench.common import cpu_name, git_revision  # noqa: E402
 
-SHARED = REPO / ".." / "shared" / "data" / "tinystories"
-THRESHOLDS = (6.0, 5.5, 5.0, 4.5, 4.0)  # validation losses a short CPU run passes
+DEFAULT_BUDGETS = ("400k", "5m", "15m", "1M")
 
 
-@torch.no_grad()
-def full_validation_loss(run_dir: Path, val_file: Path, context: int, batch: int) -> float:
-    """Mean next-token loss over every token of `val_file` (stories joined by <|endoftext|>), in
-    non-overlapping windows of `context` tokens."""
-    model = load_model(run_dir / "latest")
-    tokenizer = load_tokenizer()
-    ids: list[int] = []
-    for story in tokenizer.encode_batch(list(iter_file_stories(val_file))):
-        ids += [*story, tokenizer.eot_id]
-    tokens = torch.tensor(ids, dtype=torch.long)
-    windows = (tokens.numel() - 1) // context
-    inputs = tokens[: windows * context].view(windows, context)
-    targets = tokens[1 : windows * context + 1].view(windows, context)
-    total = 0.0
-    for lo in range(0, windows, batch):
-        x, y = inputs[lo : lo + batch].to(model.device), targets[lo : lo + batch].to(model.device)
-        total += model.loss(x, y).item() * x.shape[0]
-    return total / windows
+def parse_budget(text: str) -> tuple[int | None, float | None]:
+    """"400k" / "1M" tokens, or "5m" / "90s" / "1h" of wall time -> (tokens, seconds)."""
+    if text[-1] in "kM":
+        return int(float(text[:-1]) * (1000 if text[-1] == "k" else 1_000_000)), None
+    from slm.train_config import parse_duration
+
+    return None, parse_duration(text)
 
 
-def tokens_to(records: list[dict], threshold: float) -> int | None:
-    for record in records:
-        if record.get("kind") == "train" and record.get("val_loss") is not None and record["val_loss"] <= threshold:
-            return record["tokens"]
-    return None
+def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: Path | None,
+             val_limit: int | None) -> None:
+    """Train one side for one budget in this process and append its row to `out`."""
+    import torch
+
+    torch.set_num_threads(1)
+    tokens, seconds = parse_budget(budget)
+    if side == "ours":
+        from bench.sweep import train_ours
+
+        with tempfile.TemporaryDirectory(prefix="slm-quality-") as tmp:
+            # the defaults, as a user gets them: periodic evaluations and samples count against a time budget
+            setting = {"eval_batches": 8, "sample_tokens": 64}
+            row = train_ours(setting, tokens, seconds, Path(tmp), val_limit)
+            if greedy_file is not None:
+                from slm.loading import load_model
+                from slm.sampling import generate
+                from slm.tokenizer import load_tokenizer
+
+                model, tokenizer = load_model(row["run_dir"] / "latest"), load_tokenizer()
+                texts = []
+                for prompt in ("Once upon a time", "Tom and his mom", "Lily saw a"):
+                    new = generate(model, tokenizer.encode(prompt), max_new_tokens=120, temperature=0.0,
+                                   stop_token_ids=[tokenizer.eot_id])
+                    texts.append(prompt + tokenizer.decode([t for t in new if t != tokenizer.eot_id]))
+                greedy_file.write_text(json.dumps({"budget": budget, "texts": texts}, indent=1) + "\n")
+    else:
+        from bench.peer import train_peer
+
+        row = train_peer(lr=lr, tokens=tokens, seconds=seconds, val_limit=val_limit)
+    row = {k: v for k, v in row.items() if k != "run_dir"}
+    row.update(side=side, budget=budget, lr=lr)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
-def run_one(optimizer: str, args: argparse.Namespace, workdir: Path) -> dict:
-    config = TrainConfig(
-        preset="tiny", data=str(args.train_file), val_data=str(args.val_file), max_tokens=args.tokens,
-        batch_size=args.batch_size, context_length=args.context_length, optimizer=optimizer, lr=args.lr,
-        warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=4, log_every=10,
-        sample_tokens=0, seed=args.seed, device=args.device, out=str(workdir / optimizer),
-        cache_dir=str(workdir / "cache"),
-    )
-    started = time.perf_counter()
-    result = train(config, progress=True)
-    seconds = time.perf_counter() - started
-    full = full_validation_loss(result.run_dir, args.val_file, args.context_length, 16)
-    records = read_metrics(result.run_dir)
-    speeds = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r["step"] > 1]
-    return {
-        "optimizer": optimizer, "tokens": result.tokens, "steps": result.step, "seconds": seconds,
-        "tokens_per_s": sum(speeds) / len(speeds) if speeds else float("nan"), "train_loss": result.train_loss,
-        "val_loss": full, "to": {t: tokens_to(records, t) for t in THRESHOLDS},
-    }
-
-
-def table(rows: list[dict]) -> str:
-    head = ["optimizer", "tokens", "steps", "time (s)", "tokens/s", "train loss", "valid loss", "valid ppl"]
-    head += [f"tokens to {t}" for t in THRESHOLDS]
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["budget", "side", "tokens", "steps", "time (s)", "tokens/s", "valid loss", "valid bpb", "load 1/5/15"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["optimizer"], f"{r['tokens']:,}", str(r["steps"]), f"{r['seconds']:.0f}",
-                 f"{r['tokens_per_s']:,.0f}", f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}",
-                 f"{math.exp(r['val_loss']):.1f}"]
-        cells += [f"{r['to'][t]:,}" if r["to"][t] else "-" for t in THRESHOLDS]
-        lines.append("| " + " | ".join(cells) + " |")
+        name = "ours (defaults)" if r["side"] == "ours" else f"transformers AdamW lr {r['lr']:g}"
+        lines.append(f"| {r['budget']} | {name} | {r['tokens']:,} | {r['steps']:,} | {r['seconds']:.0f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['loss']:.3f} | {r['bpb']:.3f} | {r['load']} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    try:
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                  text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        revision = "unknown"
-    return f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, revision {revision}"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=500_000, help="training tokens per optimizer")
-    p.add_argument("--optimizer", nargs="+", choices=["adamw", "muon"], default=["adamw", "muon"])
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--context-length", type=int, default=256)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--train-file", type=Path, default=SHARED / "train-first-2315.txt")
-    p.add_argument("--val-file", type=Path, default=SHARED / "valid-first-1000.txt")
+    p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), help="e.g. 400k 1M 5m 15m")
+    p.add_argument("--peer-lr", type=float, nargs="+", default=[2e-3, 5e-3],
+                   help="the peer's learning rates, swept at the first budget")
+    p.add_argument("--val-tokens", type=int, default=65_536, help="held-out tokens scored (0: all of the file)")
+    p.add_argument("--rows", type=Path, default=Path("quality-rows.jsonl"), help="where rows are appended")
+    p.add_argument("--greedy", type=Path, help="write the greedy text of the 5-minute model here")
     p.add_argument("--notes", type=Path, help="append the table, with machine and date, to this file")
+    p.add_argument("--table", type=Path, help="only print the table of a rows file")
+    p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
-    for path in (args.train_file, args.val_file):
-        if not path.is_file():
-            print(f"error: {path} not found (the shared TinyStories sample lives in ../shared/data)", file=sys.stderr)
-            return 2
-    with tempfile.TemporaryDirectory(prefix="slm-quality-") as tmp:
-        rows = [run_one(name, args, Path(tmp)) for name in args.optimizer]
-    settings = (f"tiny, lr {args.lr}, batch {args.batch_size} x {args.context_length} tokens, "
-                f"warmup {args.warmup_steps}, cosine to lr/10, seed {args.seed}; valid loss on every token of "
-                f"{args.val_file.name}")
-    report = f"### Quality proxy ({machine()})\n\n{settings}\n\n{table(rows)}\n"
+    if args.side:
+        one_side(args.side, args.budgets[0], args.peer_lr[0], args.rows, args.greedy, args.val_tokens or None)
+        return 0
+    if args.table is None:
+        peer_lrs = list(args.peer_lr)
+        for k, budget in enumerate(args.budgets):
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+            base = [sys.executable, __file__, "--budgets", budget, "--rows", str(args.rows),
+                    "--val-tokens", str(args.val_tokens)]
+            greedy = ["--greedy", str(args.greedy)] if args.greedy and budget == "5m" else []
+            commands = [[*base, "--side", "ours", *greedy]]
+            commands += [[*base, "--side", "peer", "--peer-lr", str(lr)] for lr in peer_lrs]
+            codes = [c.wait() for c in [subprocess.Popen(command, env=env) for command in commands]]
+            print(f"{time.strftime('%H:%M:%S')} budget {budget}: exit codes {codes}", flush=True)
+            if k == 0 and len(peer_lrs) > 1:  # the peer's sweep: keep its best learning rate
+                rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+                swept = [r for r in rows if r["side"] == "peer" and r["budget"] == budget]
+                if swept:
+                    peer_lrs = [min(swept, key=lambda r: r["loss"])["lr"]]
+                    print(f"the peer's best learning rate at {budget}: {peer_lrs[0]:g}", flush=True)
+    rows = [json.loads(line) for line in (args.table or args.rows).read_text().splitlines() if line.strip()]
+    report = (f"### Quality judge ({time.strftime('%Y-%m-%d')}, {cpu_name()}, torch, revision {git_revision()})\n\n"
+              f"{table(rows)}\n")
     print("\n" + report)
     if args.notes:
         with open(args.notes, "a") as f:

@@ -40,7 +40,7 @@ class JobStatus:
     state: str  # "idle" | "preparing" | "running" | "stopping" | "finished" | "stopped" | "failed"
     run_dir: str | None
     step: int
-    max_steps: int
+    max_steps: int | None  # None: a time budget alone limits the run
     tokens: int
     train_loss: float | None
     val_loss: float | None
@@ -56,6 +56,10 @@ class JobStatus:
     @property
     def active(self) -> bool:
         return self.state in ("preparing", "running", "stopping")
+
+
+def _of(max_steps: int | None) -> str:
+    return f"/{max_steps}" if max_steps else ""
 
 
 class MetricsTail:
@@ -182,7 +186,7 @@ class TrainingManager:
         if self._alive():
             status = self._status_locked()
             raise TrainingBusyError(
-                f"a training run is already in progress ({status.run_dir}, step {status.step}/{status.max_steps}); "
+                f"a training run is already in progress ({status.run_dir}, step {status.step}{_of(status.max_steps)}); "
                 "stop it before starting another"
             )
 
@@ -318,13 +322,13 @@ class TrainingManager:
             else:
                 s.state = "running"
                 loss = f", loss {s.train_loss:.3f}" if s.train_loss is not None else ""
-                s.message = f"training: step {s.step}/{s.max_steps}{loss}"
+                s.message = f"training: step {s.step}{_of(s.max_steps)}{loss}"
             return s
         s.eta_s = None
         if ended is not None:
             s.state = ended.get("reason", "finished")
             if s.state == "stopped":
-                s.message = f"stopped at step {s.step}/{s.max_steps}; the checkpoint is saved, resume to continue"
+                s.message = f"stopped at step {s.step}{_of(s.max_steps)}; the checkpoint is saved, resume to continue"
             else:
                 s.message = f"finished {s.step} steps; checkpoint in {self._run_dir / 'latest'}"
         elif error is not None:

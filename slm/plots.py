@@ -48,10 +48,19 @@ def loss_curves(metrics: Iterable[dict[str, Any]], x: str = "tokens") -> dict[st
     return curves
 
 
+def bits_per_byte_ratio(metrics: list[dict[str, Any]]) -> float | None:
+    """Bits per byte per nat of validation loss (the text's bytes per token, in bits), from the newest record."""
+    for record in reversed(metrics):
+        if record.get("val_bpb") is not None and record.get("val_loss"):
+            return record["val_bpb"] / record["val_loss"]
+    return None
+
+
 def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str | None = None) -> Figure:
     """Train and validation loss against tokens seen (or `x="step"`), log-scaled loss axis."""
     if x not in ("tokens", "step"):
         raise ValueError(f"x must be 'tokens' or 'step', got {x!r}")
+    metrics = list(metrics)
     curves = loss_curves(metrics, x)
     figure = _new_figure(7.0, 4.0)
     axes = figure.add_subplot()
@@ -76,6 +85,10 @@ def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str
         axes.xaxis.set_major_formatter(EngFormatter())
     axes.set_xlabel("tokens seen" if x == "tokens" else "optimizer step")
     axes.set_ylabel("cross-entropy loss (nats)")
+    ratio = bits_per_byte_ratio(metrics)
+    if ratio is not None:  # the same curves read in bits per UTF-8 byte of validation text
+        right = axes.secondary_yaxis("right", functions=(lambda y: y * ratio, lambda b: b / ratio))
+        right.set_ylabel("validation bits per byte")
     axes.grid(True, which="major", alpha=0.3)
     axes.legend()
     if title:

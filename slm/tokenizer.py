@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+import torch
 from tiktoken.load import load_tiktoken_bpe
 
 RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
@@ -72,6 +73,11 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self.encoding.decode_single_token_bytes(self._checked([token_id])[0])
 
+    def token_byte_lengths(self) -> torch.Tensor:
+        """UTF-8 bytes each token id stands for (int64, shape [vocab_size]): the denominator of bits per
+        byte. End-of-text stands for no text and counts 0."""
+        return _gpt2_byte_lengths(self.encoding).clone()
+
     def token_strings(self, ids: Iterable[int]) -> list[str]:
         """One display string per token.
 
@@ -113,6 +119,13 @@ class StreamDecoder:
         for i in ids:
             yield self.push(i)
         yield self.flush()
+
+
+@cache
+def _gpt2_byte_lengths(encoding: tiktoken.Encoding) -> torch.Tensor:
+    special = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
+    lengths = [0 if i in special else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
+    return torch.tensor(lengths, dtype=torch.int64)
 
 
 def _sha256(path: Path) -> str:

@@ -17,7 +17,18 @@ from .data import DEFAULT_DATASET, DataSpec
 
 RUN_CONFIG_FILE = "run.json"
 DEFAULT_MAX_STEPS = 2000
+CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
+GPU_BATCH_SIZE = 32
+TINYSTORIES_TOKENS = 470_000_000  # one epoch of TinyStories' train split with the GPT-2 tokenizer (approx.)
+# On a GPU, with no batch size and no length given: a full TinyStories epoch at ~32k tokens per step
+# (README "GPU recipes" has the arithmetic and the predicted H100 times).
+GPU_RECIPES: dict[str, dict[str, int]] = {
+    "tiny": {"batch_size": 64, "max_tokens": TINYSTORIES_TOKENS},
+    "small": {"batch_size": 64, "max_tokens": TINYSTORIES_TOKENS},
+    "gemma3-270m": {"batch_size": 32, "max_tokens": TINYSTORIES_TOKENS},
+}
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("wsd", "cosine")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,16 +48,21 @@ class TrainConfig:
     text_field: str = "text"
     val_fraction: float = 0.01
     cache_dir: str = ".cache/slm-data"
-    # length of the run: steps, or tokens (converted to steps)
-    max_steps: int | None = None  # None: from max_tokens, else DEFAULT_MAX_STEPS
+    # length of the run: steps, or tokens (converted to steps), and/or a time budget in seconds
+    max_steps: int | None = None  # None: from max_tokens, else DEFAULT_MAX_STEPS (unlimited with max_time alone)
     max_tokens: int | None = None
+    max_time: float | None = None  # seconds of wall time (evaluations included); the schedule follows it
     # batch: batch_size sequences per device per micro-step, grad_accum micro-steps per optimizer step
     batch_size: int | None = None  # None: 4 on CPU (300 tiny steps in minutes), 32 on a GPU
     grad_accum: int = 1
-    # optimizer and schedule: linear warmup to lr, cosine decay to min_lr at the last step
-    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the blocks' matrices, AdamW for the rest)
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
+    # optimizer and schedule: linear warmup to the peak, then `schedule` down to min_lr at the last step
+    # (the defaults are the measured recipe: bench/QUALITY.md has the sweep that chose them)
+    optimizer: str = "muon"  # "muon" (Muon for the blocks' matrices, AdamW for the rest), or "adamw"
+    lr: float = 1e-2  # peak learning rate of the blocks' matrices and the norms
+    embedding_lr: float | None = None  # peak learning rate of the (tied) token embedding; None: lr
+    schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
+    decay_fraction: float = 0.3  # wsd: the share of the run (steps, or time budget) spent decaying
+    min_lr: float | None = None  # None: 0 with wsd, lr / 10 with cosine
     warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
     weight_decay: float = 0.1  # matrices only; norms are never decayed
     beta1: float = 0.9
@@ -89,6 +105,17 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
+        if self.embedding_lr is not None and not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
+            raise ValueError(f"embedding_lr must be a positive number, got {self.embedding_lr!r}")
+        if self.max_time is not None and not (
+            isinstance(self.max_time, (int, float)) and not isinstance(self.max_time, bool)
+            and math.isfinite(self.max_time) and self.max_time > 0
+        ):
+            raise ValueError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
         if self.min_lr is not None and not (0 <= self.min_lr < self.lr):
             raise ValueError(f"min_lr must be at least 0 and below lr ({self.lr}), got {self.min_lr!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -137,6 +164,23 @@ class TrainConfig:
         return cls.from_json(Path(path).read_text())
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from "300", "90s", "10m", "1.5h" (a bare number is seconds)."""
+    value = str(text).strip().lower()
+    unit = DURATION_UNITS.get(value[-1:]) if value else None
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a duration; write seconds (300) or 90s, 10m, 1h") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
 def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     """The config of an existing run, marked to resume, with non-None `overrides` applied."""
     run_dir = Path(run_dir)
@@ -156,19 +200,22 @@ def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -
     c = dataclasses.replace(config, model=dict(config.model))
     if c.context_length is None:
         c.context_length = c.model_config().context_length
+    recipe = GPU_RECIPES.get(c.preset, {}) if device.type == "cuda" and not c.model else {}
     if c.batch_size is None:
-        c.batch_size = 32 if device.type == "cuda" else 4
-    if c.max_steps is None:
+        c.batch_size = recipe.get("batch_size", GPU_BATCH_SIZE) if device.type == "cuda" else CPU_BATCH_SIZE
+        if c.max_steps is None and c.max_tokens is None and c.max_time is None and c.data == DEFAULT_DATASET:
+            c.max_tokens = recipe.get("max_tokens")  # the whole recipe: a full TinyStories epoch
+    if c.max_steps is None and (c.max_tokens or c.max_time is None):  # a time budget alone: no step limit
         tokens_per_step = c.batch_size * c.grad_accum * c.context_length * world_size
         c.max_steps = math.ceil(c.max_tokens / tokens_per_step) if c.max_tokens else DEFAULT_MAX_STEPS
     if c.min_lr is None:
-        c.min_lr = c.lr / 10
+        c.min_lr = 0.0 if c.schedule == "wsd" else c.lr / 10
     if c.warmup_steps is None:
-        c.warmup_steps = min(1000, max(10, c.max_steps // 20))
-    if c.eval_every is None:
-        c.eval_every = max(1, c.max_steps // 10)
+        c.warmup_steps = min(1000, max(10, c.max_steps // 20)) if c.max_steps is not None else 20
+    if c.eval_every is None and c.max_steps is not None:
+        c.eval_every = max(1, c.max_steps // 10)  # a time budget alone: after each tenth of the budget
     if c.save_every is None:
-        c.save_every = c.eval_every
+        c.save_every = c.eval_every  # None: at every evaluation
     if c.out is None:
         c.out = str(Path("checkpoints") / f"{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     c.validate()

@@ -41,8 +41,17 @@ from .config import count_parameters
 from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
 from .flops import device_peak_flops, mfu, training_flops_per_token
+from .metrics import bpb_from_mean_loss
 from .model import Gemma3LM, build_model
-from .optim import build_optimizers, lr_at, optimizer_state_from_files, optimizer_state_to_files, set_lr
+from .optim import (
+    build_optimizers,
+    lr_factor,
+    optimizer_state_from_files,
+    optimizer_state_to_files,
+    set_lr,
+    step_progress,
+    warmup_factor,
+)
 from .sampling import generate
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
@@ -55,6 +64,9 @@ STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
 STATE_FORMAT = 1
 SAMPLE_PROMPT = "Once upon a time"
+# continued at every evaluation, greedily and sampled with the run's seed, into samples.jsonl
+SAMPLE_PROMPTS = (SAMPLE_PROMPT, "Tom and his mom")
+SAMPLES_FILE = "samples.jsonl"
 
 
 class LossModule(nn.Module):
@@ -69,9 +81,10 @@ class LossModule(nn.Module):
 
 
 # ----- metrics -------------------------------------------------------------------------------------
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a run's metrics.jsonl (a half-written last line is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """Every complete record of a run's metrics.jsonl, or of another of its JSON-lines files such as
+    samples.jsonl (a half-written last line is skipped)."""
+    path = Path(run_dir) / name
     if not path.is_file():
         return []
     records = []
@@ -104,7 +117,7 @@ def _record_step(line: str) -> float:
 class TrainResult:
     run_dir: Path
     step: int
-    max_steps: int
+    max_steps: int | None  # None: a time budget alone limits the run
     tokens: int
     train_loss: float | None
     val_loss: float | None
@@ -113,6 +126,9 @@ class TrainResult:
     elapsed_s: float
     tokens_per_s: float | None  # mean training throughput of this session (evaluations excluded)
     checkpoint: Path | None  # None when stopped before anything was trained
+    train_bpb: float | None = None  # bits per UTF-8 byte of the text (None when the tokenizer cannot count bytes)
+    val_bpb: float | None = None
+    max_time: float | None = None  # the run's time budget in seconds, if it had one
 
 
 class StopSignals:
@@ -190,6 +206,13 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.interval_loss = torch.zeros((), device=self.device)
         self.interval_steps = 0
+        self.interval_bytes = torch.zeros((), dtype=torch.int64, device=self.device)  # UTF-8 bytes of its targets
+        self.last_val_bpb: float | None = None
+        self.last_train_bpb: float | None = None
+        self.lr = config.lr  # of the blocks' matrices at the last step (the embedding's is embedding_lr / lr times it)
+        self.step_seconds = 0.0  # a running mean of a training step's seconds, for the time budget
+        self.last_by_time = False  # the step now running is the last one the time budget allows
+        self.next_eval_s = math.inf  # when a time-boxed run without eval_every evaluates next
 
     # -- set-up --
     def _agreed(self, config: TrainConfig) -> TrainConfig:
@@ -233,7 +256,9 @@ class Trainer:
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         c.save(self.run_dir / RUN_CONFIG_FILE)
         if c.resume:
-            _truncate_metrics(self.metrics_path, read_json(latest / STATE_JSON_FILE)["step"])
+            saved_step = read_json(latest / STATE_JSON_FILE)["step"]
+            _truncate_metrics(self.metrics_path, saved_step)
+            _truncate_metrics(self.run_dir / SAMPLES_FILE, saved_step)
         self.folder_ready = True
         self.emit({"kind": "preparing", "step": self._saved_step(), "time": time.time()})
 
@@ -259,6 +284,7 @@ class Trainer:
             data.val, c.batch_size, c.context_length, c.eval_batches * self.dist.world_size
         )
         self.eval_length = min(c.context_length, data.val.size - 1)
+        self.setup_bits_per_byte()
 
         self.model_config = c.model_config()
         self.model = build_model(self.model_config, device=self.device, seed=c.seed)
@@ -282,6 +308,22 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.model_config, self.sampler.length)
         self.peak_flops = device_peak_flops(self.device) if self.amp_dtype is not None else None
 
+    def setup_bits_per_byte(self) -> None:
+        """Per-token UTF-8 byte counts (from the tokenizer) and the bytes of the fixed validation windows'
+        targets: bits per byte = nats / ln 2 / bytes, comparable across tokenizers."""
+        lengths = getattr(self.tokenizer, "token_byte_lengths", None)
+        self.byte_lengths = lengths().to(self.device) if lengths is not None else None
+        self.eval_tokens = self.eval_bytes = 0
+        if self.byte_lengths is None:
+            return
+        for starts in self.eval_starts:
+            _, targets = gather_windows(self.val_tokens, starts, self.eval_length, "cpu")
+            self.eval_tokens += targets.numel()
+            self.eval_bytes += int(self.byte_lengths.cpu()[targets].sum())
+
+    def bpb(self, mean_loss: float, tokens: int, total_bytes: int) -> float | None:
+        return bpb_from_mean_loss(mean_loss, tokens, total_bytes) if total_bytes > 0 else None
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -304,9 +346,11 @@ class Trainer:
             "elapsed_s": self.elapsed(),
             "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss,
+            "last_val_bpb": self.last_val_bpb,
             "last_train_loss": self.last_train_loss,
             "interval_loss": float(self.interval_loss.item()),
             "interval_steps": self.interval_steps,
+            "interval_bytes": int(self.interval_bytes.item()),
             "sampler_draws": sampler_state["draws"],
             "optimizer": self.config.optimizer,
             "param_groups": groups,
@@ -341,6 +385,8 @@ class Trainer:
         self.last_train_loss = scalars["last_train_loss"]
         self.interval_loss = torch.tensor(scalars["interval_loss"], dtype=torch.float32, device=self.device)
         self.interval_steps = int(scalars["interval_steps"])
+        self.interval_bytes.fill_(int(scalars.get("interval_bytes", 0)))
+        self.last_val_bpb = scalars.get("last_val_bpb")
 
     def metadata(self, val_loss: float | None) -> dict[str, Any]:
         c = self.config
@@ -349,6 +395,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
             "val_loss": val_loss,
+            "val_bpb": self.bpb(val_loss, self.eval_tokens, self.eval_bytes) if val_loss is not None else None,
             "train_loss": self.last_train_loss,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run": self.run_dir.name,
@@ -387,13 +434,16 @@ class Trainer:
         )
 
     def stop_requested(self) -> bool:
-        local = self.stop_requested_locally()
+        return self.agreed_flags(self.stop_requested_locally(), False)[0]
+
+    def agreed_flags(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true on any rank is true on all (stop requests, time-budget decisions), agreed over a
+        CPU (gloo) group: no GPU synchronisation per step."""
         if not self.dist.enabled:
-            return local
-        # agreed over a CPU (gloo) group: no GPU synchronisation per step
-        flag = torch.tensor([1.0 if local else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(flag.item())
+            return flags
+        tensor = torch.tensor([1.0 if f else 0.0 for f in flags])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control_group)
+        return tuple(bool(v) for v in tensor.tolist())
 
     # -- one step, evaluation, sample --
     def train_step(self) -> torch.Tensor:
@@ -401,6 +451,8 @@ class Trainer:
         c = self.config
         for micro in range(c.grad_accum):
             inputs, targets = self.sampler.next_batch()
+            if self.byte_lengths is not None:
+                self.interval_bytes += self.byte_lengths[targets].sum()
             last = micro == c.grad_accum - 1
             no_sync = self.loss_module.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
             with no_sync:
@@ -414,7 +466,8 @@ class Trainer:
             for optimizer in self.optimizers:
                 self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
-        set_lr(self.optimizers, lr_at(self.step, 1.0, c.min_lr / c.lr, c.warmup_steps, c.max_steps))
+        self.lr = c.lr * self.schedule_factor()
+        set_lr(self.optimizers, self.lr / c.lr)
         for optimizer in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
@@ -427,6 +480,45 @@ class Trainer:
         self.step += 1
         self.interval_steps += 1
         return grad_norm
+
+    # -- schedule and time budget --
+    def schedule_factor(self) -> float:
+        """The learning rate of the step about to run, as a fraction of the peak: warmup by steps, then
+        the decay by the share of the run done. With `max_time` that share is of the time budget, measured
+        at the step's expected end, and the step that will use up the budget runs at exactly min_lr."""
+        c = self.config
+        if self.step < c.warmup_steps:
+            return warmup_factor(self.step, c.warmup_steps)
+        progress = step_progress(self.step, c.warmup_steps, c.max_steps) if c.max_steps is not None else 0.0
+        if self.last_by_time:
+            progress = 1.0
+        elif c.max_time is not None:
+            progress = max(progress, (self.elapsed() + self.step_seconds) / c.max_time)
+        return lr_factor(progress, c.min_lr / c.lr, c.schedule, c.decay_fraction)
+
+    def time_is_up(self) -> bool:
+        """The time budget is spent (a resumed run in that state trains no further; a running one has just
+        taken its last step, at min_lr, since a step that starts this late is always the last)."""
+        c = self.config
+        return c.max_time is not None and self.elapsed() >= c.max_time
+
+    def advance_bar(self) -> None:
+        if self.config.max_time is None:
+            self.bar.update(1)
+        else:
+            self.bar.n = min(self.elapsed(), self.config.max_time)
+            self.bar.refresh()
+
+    def last_step_by_time(self) -> bool:
+        """True when a step started now leaves no room in the time budget for another one."""
+        c = self.config
+        return c.max_time is not None and self.elapsed() + 2 * self.step_seconds >= c.max_time
+
+    def time_to_evaluate(self) -> bool:
+        """Time-boxed runs without `eval_every` evaluate a tenth of the budget after the previous evaluation
+        ended (so that on a slow machine evaluations cannot crowd out the training)."""
+        c = self.config
+        return c.max_time is not None and c.eval_every is None and self.elapsed() >= self.next_eval_s
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -444,19 +536,40 @@ class Trainer:
         self.model.train()
         return float(total.item()) / len(self.eval_starts)
 
-    def sample(self) -> str:
-        prompt = self.tokenizer.encode(SAMPLE_PROMPT)
+    def sample(self, prompt: str = SAMPLE_PROMPT, greedy: bool = False) -> str:
+        """The prompt and its continuation: sampled (temperature 0.8, top-k 50, the run's seed) or greedy."""
         new = generate(
-            self.model, prompt, max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=50,
-            seed=self.config.seed, stop_token_ids=[self.tokenizer.eot_id],
+            self.model, self.tokenizer.encode(prompt), max_new_tokens=self.config.sample_tokens,
+            temperature=0.0 if greedy else 0.8, top_k=None if greedy else 50, seed=self.config.seed,
+            stop_token_ids=[self.tokenizer.eot_id],
         )
         self.model.train()
-        return SAMPLE_PROMPT + self.tokenizer.decode([t for t in new if t != self.tokenizer.eot_id])
+        return prompt + self.tokenizer.decode([t for t in new if t != self.tokenizer.eot_id])
+
+    def write_samples(self) -> str:
+        """Continue each of SAMPLE_PROMPTS greedily and sampled, and append them to samples.jsonl with the
+        step: the run folder shows how the writing changed as it learned. Returns the first sampled text."""
+        records = [
+            {"step": self.step, "tokens": self.step * self.tokens_per_step, "prompt": prompt,
+             "mode": "greedy" if greedy else "sampled", "text": self.sample(prompt, greedy), "time": time.time()}
+            for prompt in SAMPLE_PROMPTS for greedy in (True, False)
+        ]
+        with open(self.run_dir / SAMPLES_FILE, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return next(r["text"] for r in records if r["mode"] == "sampled")
 
     # -- the run --
     def elapsed(self) -> float:
         """Seconds this run has been training, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def eta(self, seconds_per_step: float) -> float:
+        """Seconds left: of the time budget, or of the steps at this session's pace (whichever ends first)."""
+        c = self.config
+        left = [c.max_time - self.elapsed()] if c.max_time is not None else []
+        if c.max_steps is not None:
+            left.append(seconds_per_step * (c.max_steps - self.step))
+        return max(0.0, min(left))
 
     def log(self, grad_norm: torch.Tensor, evaluate: bool) -> None:
         """Write a metrics record for the steps since the last one (and evaluate when asked)."""
@@ -471,28 +584,38 @@ class Trainer:
         self.session_train_seconds += seconds
         self.session_train_tokens += self.interval_steps * self.tokens_per_step
         self.last_train_loss = train_loss_value
+        interval_bytes = self.interval_bytes
+        if self.dist.enabled:
+            interval_bytes = interval_bytes.clone()
+            dist.all_reduce(interval_bytes)
+        train_bpb = self.bpb(train_loss_value, self.interval_steps * self.tokens_per_step, int(interval_bytes.item()))
+        self.last_train_bpb = train_bpb
         self.interval_loss.zero_()
+        self.interval_bytes.zero_()
         self.interval_steps = 0
         val_loss = self.evaluate() if evaluate else None
+        val_bpb = self.bpb(val_loss, self.eval_tokens, self.eval_bytes) if val_loss is not None else None
         seconds_per_step = (time.perf_counter() - self.session_start) / max(self.step - self.start_step, 1)
         self.emit({
             "kind": "train", "step": self.step, "tokens": self.step * self.tokens_per_step,
-            "train_loss": train_loss_value, "val_loss": val_loss,
+            "train_loss": train_loss_value, "val_loss": val_loss, "train_bpb": train_bpb, "val_bpb": val_bpb,
             "val_perplexity": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
-            "lr": self.optimizers[0].param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            "lr": self.lr, "grad_norm": float(grad_norm),
             "tokens_per_s": self.tokens_per_s,
             "mfu": mfu(self.tokens_per_s, self.flops_per_token, self.peak_flops, self.dist.world_size),
-            "elapsed_s": self.elapsed(), "eta_s": seconds_per_step * (c.max_steps - self.step),
+            "elapsed_s": self.elapsed(), "eta_s": self.eta(seconds_per_step),
             "time": time.time(),
         })
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{train_loss_value:.3f}", tok_s=f"{self.tokens_per_s:,.0f}", refresh=False)
+            bpb = {"bpb": f"{train_bpb:.3f}"} if train_bpb is not None else {}
+            self.bar.set_postfix(loss=f"{train_loss_value:.3f}", **bpb, tok_s=f"{self.tokens_per_s:,.0f}",
+                                 step=self.step, refresh=False)
         if val_loss is None:
             return
-        self.last_val_loss = val_loss
+        self.last_val_loss, self.last_val_bpb = val_loss, val_bpb
         if self.dist.is_main and c.sample_tokens:
             self.emit({"kind": "sample", "step": self.step, "tokens": self.step * self.tokens_per_step,
-                       "prompt": SAMPLE_PROMPT, "text": self.sample(), "time": time.time()})
+                       "prompt": SAMPLE_PROMPT, "text": self.write_samples(), "time": time.time()})
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             if self.dist.is_main:
@@ -510,7 +633,7 @@ class Trainer:
             return TrainResult(self.run_dir, step, c.max_steps, 0, None, None, None, True, 0.0, None, None)
         self.start_step = self.step
         self.emit({
-            "kind": "start", "step": self.step, "max_steps": c.max_steps,
+            "kind": "start", "step": self.step, "max_steps": c.max_steps, "max_time": c.max_time,
             "tokens": self.step * self.tokens_per_step, "tokens_per_step": self.tokens_per_step,
             "device": describe_device(self.device, self.dist.world_size), "world_size": self.dist.world_size,
             "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
@@ -521,23 +644,42 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True)
+            if c.max_time is not None:  # a time-boxed run's bar counts seconds
+                self.bar = tqdm(total=round(c.max_time), initial=min(round(self.elapsed_before), round(c.max_time)),
+                                unit="s", desc="training", dynamic_ncols=True,
+                                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]")
+            else:
+                self.bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True)
         self.session_start = self.interval_start = time.perf_counter()
+        if c.max_time is not None:
+            self.next_eval_s = self.elapsed_before + c.max_time / 10
         stopped = False
         try:
-            while self.step < c.max_steps:
-                if self.stop_requested():
+            while c.max_steps is None or self.step < c.max_steps:
+                if self.step == self.start_step and self.time_is_up():  # resumed with its budget spent
+                    break
+                stop, self.last_by_time = self.agreed_flags(self.stop_requested_locally(), self.last_step_by_time())
+                if stop:
                     stopped = True
                     break
+                started = time.perf_counter()
                 grad_norm = self.train_step()
+                seconds = time.perf_counter() - started
+                self.step_seconds = seconds if self.step_seconds == 0 else 0.7 * self.step_seconds + 0.3 * seconds
                 if self.bar is not None:
-                    self.bar.update(1)
-                final = self.step == c.max_steps
-                evaluate = self.step % c.eval_every == 0 or final
+                    self.advance_bar()
+                final = self.step == c.max_steps or self.last_by_time
+                evaluate = (c.eval_every is not None and self.step % c.eval_every == 0) or final
+                evaluate = self.agreed_flags(evaluate or self.time_to_evaluate(), False)[0]
                 if self.step % c.log_every == 0 or self.step == 1 or evaluate:
                     self.log(grad_norm, evaluate)
-                if self.step % c.save_every == 0 and not final:
+                if evaluate and c.max_time is not None:
+                    self.next_eval_s = self.elapsed() + c.max_time / 10
+                save_due = self.step % c.save_every == 0 if c.save_every is not None else evaluate
+                if save_due and not final:
                     self.save_latest()
+                if final:
+                    break
                 if self.interval_steps == 0:  # a record was just written: time the next interval from here
                     self.interval_start = time.perf_counter()
         finally:
@@ -546,7 +688,8 @@ class Trainer:
         checkpoint = self.save_latest()
         reason = "stopped" if stopped else "finished"
         self.emit({"kind": "end", "reason": reason, "step": self.step, "tokens": self.step * self.tokens_per_step,
-                   "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "time": time.time()})
+                   "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "val_loss": self.last_val_loss,
+                   "val_bpb": self.last_val_bpb, "time": time.time()})
         if self.dist.is_main:
             (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         return TrainResult(
@@ -554,6 +697,7 @@ class Trainer:
             train_loss=self.last_train_loss, val_loss=self.last_val_loss, best_val_loss=self.best_val_loss,
             stopped=stopped, elapsed_s=self.elapsed(), checkpoint=checkpoint,
             tokens_per_s=self.session_train_tokens / self.session_train_seconds if self.session_train_seconds else None,
+            train_bpb=self.last_train_bpb, val_bpb=self.last_val_bpb, max_time=c.max_time,
         )
 
 

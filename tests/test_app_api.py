@@ -293,8 +293,8 @@ def training_app(tmp_path_factory):
 
 
 def start_args(steps: int) -> tuple:
-    # preset, data source, stories, data file, steps, batch size, learning rate, context length
-    return ("tiny", FILE_SOURCE, 0, "stories.txt", steps, 2, 3e-3, 32)
+    # preset, data source, stories, data file, steps, batch size, learning rate, context length, minutes (0: none)
+    return ("tiny", FILE_SOURCE, 0, "stories.txt", steps, 2, 3e-3, 32, 0)
 
 
 def wait_for(client: Client, done, timeout: float = 240.0) -> dict:
@@ -315,7 +315,7 @@ def test_training_runs_to_the_end_and_its_checkpoint_appears(training_app):
     data_file, source = client.predict(handle_file(str(upload)), api_name="/upload_data")
     assert (data_file, source) == ("uploads/my_stories.txt", FILE_SOURCE)
     assert (training_app["root"] / "data" / data_file).read_text() == upload.read_text()
-    message = client.predict("tiny", FILE_SOURCE, 0, data_file, 6, 2, 3e-3, 32, api_name="/start_training")
+    message = client.predict("tiny", FILE_SOURCE, 0, data_file, 6, 2, 3e-3, 32, 0, api_name="/start_training")
     assert message.startswith("Started run")
     with pytest.raises(AppError, match="already going"):  # one job at a time
         client.predict(*start_args(6), api_name="/start_training")

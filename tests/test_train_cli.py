@@ -149,3 +149,20 @@ def test_torchrun_with_two_processes_makes_the_update_of_one_process_on_the_comb
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
     initial = build_model(preset("tiny", context_length=32), seed=1337).export_state_dict()
     assert not torch.allclose(initial["layers.0.mlp.up_proj.weight"], wa["layers.0.mlp.up_proj.weight"], atol=1e-5)
+
+
+def test_max_time_trains_for_a_wall_clock_budget_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "timed"
+    result = run_train(*small_run_flags(tmp_path), "--max-time", "4s", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "of a 0m04.0s budget" in result.stdout and "bits/byte" in result.stdout
+    run = json.loads((out / "run.json").read_text())
+    assert run["max_time"] == 4.0 and run["max_steps"] is None
+    assert (out / "latest" / "training_state.json").is_file()
+
+
+def test_max_time_that_is_not_a_duration_is_refused_clearly(tmp_path: Path) -> None:
+    result = run_train(*small_run_flags(tmp_path), "--max-time", "soon", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "--max-time" in result.stderr and "10m" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -16,7 +16,7 @@ from training_helpers import TINY_MODEL, make_stories, quick_config, stories_fil
 
 from slm.data import DataSpec, prepare_data
 from slm.loading import list_checkpoints, load_model
-from slm.optim import lr_at
+from slm.optim import lr_at, lr_factor, step_progress, warmup_factor
 from slm.tokenizer import load_tokenizer
 from slm.train_config import TrainConfig, resume_config
 from slm.training import read_metrics, train
@@ -66,7 +66,10 @@ def test_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_path:
     train(config)
     records = train_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    expected = [lr_at(s - 1, config.lr, config.lr / 10, 2, 6) for s in range(1, 7)]
+    assert config.schedule == "wsd"  # the default: warmup 2 steps, hold, then linear to 0 over the last 30%
+    expected = [config.lr * (warmup_factor(s, 2) if s < 2 else lr_factor(step_progress(s, 2, 6), 0.0, "wsd", 0.3))
+                for s in range(6)]
+    assert expected[-1] == 0.0 and expected[1] == expected[2] == config.lr
     assert [r["lr"] for r in records] == pytest.approx(expected)
     assert records[-1]["tokens"] == 6 * 3 * config.batch_size * config.context_length
     state = load_file(str(tmp_path / "run" / "latest" / "training_state.safetensors"))

@@ -19,7 +19,8 @@ from slm import PRESETS
 from slm.data import DEFAULT_DATASET
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.plots import loss_figure
-from slm.train_config import TrainConfig
+from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
+from slm.training import SAMPLES_FILE, read_metrics
 
 from .common import AppSettings, allowed_path, integer, number, user_errors
 from .models import ModelPicker
@@ -83,11 +84,14 @@ def status_markdown(s: dict[str, Any]) -> str:
         numbers.append(f"train loss {s['train_loss']:.3f}")
     if s.get("val_loss") is not None:
         numbers.append(f"val loss {s['val_loss']:.3f}")
+    if s.get("val_bpb") is not None:
+        numbers.append(f"{s['val_bpb']:.3f} bits/byte")
     if s.get("tokens_per_s"):
         numbers.append(f"{s['tokens_per_s']:,.0f} tokens/s")
     if s.get("mfu") is not None:  # known only on GPUs with a known peak
         numbers.append(f"MFU {100 * s['mfu']:.1f}%")
-    numbers.append(f"elapsed {_duration(s.get('elapsed_s'))}")
+    numbers.append(f"elapsed {_duration(s.get('elapsed_s'))}"
+                   + (f" of {_duration(s['max_time'])}" if s.get("max_time") else ""))
     if state in ACTIVE:
         numbers.append(f"ETA {_duration(s.get('eta_s'))}")
     if s.get("device"):
@@ -96,6 +100,29 @@ def status_markdown(s: dict[str, Any]) -> str:
     if s.get("message"):
         text += f"  \n{s['message']}"
     return text
+
+
+def run_extras(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """The run's time budget and its newest validation bits per byte, from its metrics records."""
+    extras: dict[str, float] = {}
+    for record in metrics:
+        if record.get("kind") == "start" and record.get("max_time"):
+            extras["max_time"] = record["max_time"]
+        if record.get("kind") == "train" and record.get("val_bpb") is not None:
+            extras["val_bpb"] = record["val_bpb"]
+    return extras
+
+
+def samples_text(run_dir: str | None) -> str:
+    """The newest evaluation's samples (greedy and sampled, per prompt), headed by the step they come from."""
+    records = read_metrics(run_dir, SAMPLES_FILE) if run_dir else []
+    if not records:
+        return ""
+    step = records[-1]["step"]
+    latest = [r for r in records if r.get("step") == step]
+    lines = [f"Step {step:,} ({latest[0].get('tokens', 0):,} tokens)"]
+    lines += [f"\n[{r.get('mode')}] {r.get('text', '')}" for r in latest]
+    return "\n".join(lines)
 
 
 def safe_upload_name(name: str) -> str:
@@ -121,10 +148,15 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
             upload = gr.File(label="…or upload a text file (stories separated by <|endoftext|> lines)",
                              file_types=list(DATA_SUFFIXES), type="filepath", height=90)
         with gr.Column():
-            steps = gr.Number(300, precision=0, minimum=1, label="Steps", elem_id="train-steps")
-            batch = gr.Number(8, precision=0, minimum=1, label="Batch size (sequences per step)",
-                              elem_id="train-batch")
-            lr = gr.Number(1e-3, minimum=0, label="Learning rate")
+            minutes = gr.Number(5, minimum=0, label="Minutes to train (0 = until the steps are done)",
+                                elem_id="train-minutes")
+            steps = gr.Number(0, precision=0, minimum=0, label="Steps (0 = until the time is up)",
+                              elem_id="train-steps")
+            batch = gr.Number(
+                0, precision=0, minimum=0, elem_id="train-batch",
+                label=f"Batch size (0 = the recipe's: {CPU_BATCH_SIZE} on a CPU, {GPU_BATCH_SIZE} on a GPU)",
+            )
+            lr = gr.Number(TrainConfig.lr, minimum=0, label="Learning rate")
             context = gr.Number(0, precision=0, minimum=0, label="Context length (0 = the preset's)",
                                 elem_id="train-context")
             with gr.Row():
@@ -138,7 +170,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     status_md = gr.Markdown(elem_id="train-status")
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", show_label=False, elem_id="train-loss")
-        sample = gr.Textbox(label="Latest sample story", lines=10, elem_id="train-sample", elem_classes=["big-text"])
+        sample = gr.Textbox(label="Latest samples (greedy and sampled) and the step they come from", lines=10,
+                            elem_id="train-sample", elem_classes=["big-text"])
     status_json = gr.JSON(visible=False)
     seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
     timer = gr.Timer(POLL_SECONDS)
@@ -156,16 +189,20 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         return str(path)
 
     @user_errors
-    def start_training(preset, source, stories, data_file, steps, batch_size, lr, context_length):
+    def start_training(preset, source, stories, data_file, steps, batch_size, lr, context_length, minutes=0):
         data = data_source(source, data_file)
+        max_steps = integer(steps if steps is not None else 0, "steps", 0, 10_000_000)
+        max_time = number(minutes if minutes is not None else 0, "minutes", 0, 7 * 24 * 60) * 60
+        if not max_steps and not max_time:
+            raise gr.Error("Give the minutes to train, or the number of steps (or both: whichever ends first).")
+        batch_size = integer(batch_size if batch_size is not None else 0, "batch size", 0, 4096)
         if preset not in PRESETS:
             raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
         context_length = integer(context_length if context_length is not None else 0, "context length", 0)
         max_stories = integer(stories if stories is not None else 0, "stories", 0)
         config = TrainConfig(
             preset=preset, data=data, max_stories=max_stories or None, cache_dir=str(data_dir / ".cache"),
-            max_steps=integer(steps, "steps", 1, 10_000_000),
-            batch_size=integer(batch_size, "batch size", 1, 4096),
+            max_steps=max_steps or None, max_time=max_time or None, batch_size=batch_size or None,
             lr=number(lr, "learning rate", 1e-7, 1.0),
             context_length=context_length or None,
             out=str(checkpoints_dir / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"),
@@ -190,7 +227,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         if not (run_dir / "latest" / "training_state.json").is_file():
             raise gr.Error(f"{run} has no latest/ checkpoint with a training state to resume from.")
         try:
-            manager.resume(run_dir, max_steps=integer(steps, "steps", 1, 10_000_000))
+            manager.resume(run_dir, max_steps=integer(steps, "steps", 0, 10_000_000) or None)
         except TrainingBusyError as exc:
             raise gr.Error(f"A training run is already going: {exc}.") from None
         return f"Resumed run `{run_dir.name}`."
@@ -202,7 +239,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     def render(status: dict, last: dict | None, current_key: str | None):
         """Redraw only what changed since this page last looked (and refresh the pickers on a new checkpoint)."""
         metrics = manager.metrics()
-        sample_text = status.get("sample") or ""
+        sample_text = samples_text(status.get("run_dir")) or status.get("sample") or ""
+        status = {**status, **run_extras(metrics)}
         runs = resumable_runs(checkpoints_dir)
         keys = [e.key for e in registry.entries()]
         now = {"metrics": len(metrics), "sample": sample_text, "runs": runs, "keys": keys, "run": status.get("run_dir")}
@@ -229,7 +267,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         gr.Info(f"Saved as {relative} in the data folder.")
         return relative, FILE_SOURCE
 
-    train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context]
+    train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context, minutes]
     start.click(start_training, train_inputs, message, api_name="start_training")
     stop.click(stop_training, None, message, api_name="stop_training")
     resume.click(resume_training, [run_box, steps], message, api_name="resume_training")

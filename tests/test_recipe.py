@@ -1,0 +1,143 @@
+"""The training recipe's pieces a user notices: the time budget, bits per byte, the samples a run
+keeps, and the schedule's shape."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import quick_config, stories_file
+
+from slm.loading import load_model
+from slm.metrics import LN2, bits_per_byte, target_bytes
+from slm.optim import lr_factor
+from slm.tokenizer import load_tokenizer
+from slm.train_config import TrainConfig, parse_duration
+from slm.training import SAMPLE_PROMPTS, SAMPLES_FILE, read_metrics, train
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+# ----- schedule ------------------------------------------------------------------------------------
+def test_wsd_holds_the_peak_then_falls_linearly_to_min_lr_at_the_end() -> None:
+    values = [lr_factor(p / 100, 0.05, "wsd", 0.3) for p in range(101)]
+    assert values[:71] == [1.0] * 71  # stable for the first 70%
+    assert all(a > b for a, b in itertools.pairwise(values[70:]))  # then strictly falling
+    assert values[85] == pytest.approx(1 - 0.95 * 0.5)  # linear: halfway down halfway through the decay
+    assert values[-1] == pytest.approx(0.05)
+
+
+def test_durations_read_as_seconds() -> None:
+    assert [parse_duration(t) for t in ("300", "90s", "10m", "1h", "1.5m")] == [300, 90, 600, 3600, 90]
+    for bad in ("soon", "-5m", "0", ""):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+
+
+# ----- time budget ---------------------------------------------------------------------------------
+def time_config(tmp_path: Path, seconds: float, **overrides) -> TrainConfig:
+    values = dict(max_steps=None, max_time=seconds, eval_every=None, save_every=None, log_every=1,
+                  min_lr=3e-4, warmup_steps=0, sample_tokens=0)
+    values.update(overrides)
+    return quick_config(tmp_path, stories_file(tmp_path), **values)
+
+
+def test_a_time_budget_stops_the_run_on_time_saves_it_and_ends_the_schedule_at_min_lr(tmp_path: Path) -> None:
+    config = time_config(tmp_path, 6.0, schedule="wsd")
+    result = train(config)
+    records = train_records(result.run_dir)
+    assert not result.stopped and result.max_steps is None and result.max_time == 6.0
+    assert result.step == records[-1]["step"] >= 2
+    assert 3.0 <= result.elapsed_s <= 6.0 + 60  # used its budget, and did not run on without end
+    assert records[-1]["lr"] == pytest.approx(config.min_lr)  # the decay lands on the last step
+    assert records[0]["lr"] == pytest.approx(config.lr)  # no warmup: the first step at the peak (wsd holds it)
+    assert any(r["val_loss"] is not None for r in records[:-1])  # evaluated during the budget, not only at its end
+    assert json.loads((result.run_dir / "latest" / "metadata.json").read_text())["step"] == result.step
+    assert load_model(result.run_dir / "latest") is not None
+
+
+def test_resuming_a_time_boxed_run_continues_the_same_budget(tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def on_metrics(record: dict) -> None:
+        if record.get("kind") == "train" and record["step"] == 3:
+            stop.set()
+
+    first = train(time_config(tmp_path, 8.0), on_metrics=on_metrics, stop_event=stop)
+    assert first.stopped and first.elapsed_s < 8.0
+    resumed = train(TrainConfig.from_dict({**TrainConfig.load(first.run_dir / "run.json").to_dict(), "resume": True}))
+    assert not resumed.stopped and resumed.step > first.step
+    records = train_records(resumed.run_dir)
+    after = [r for r in records if r["step"] > first.step]
+    assert after[0]["elapsed_s"] > first.elapsed_s  # the clock continues from where it stopped
+    assert 4.0 <= resumed.elapsed_s <= 8.0 + 60
+    assert after[-1]["lr"] == pytest.approx(3e-4)
+
+
+# ----- bits per byte -------------------------------------------------------------------------------
+TEXT = "Lily saw a café — «très jolie» 🙂 and said: naïve 日本語! " * 3
+
+
+def test_token_byte_lengths_count_the_utf8_bytes_of_multibyte_text() -> None:
+    tokenizer = load_tokenizer()
+    ids = torch.tensor(tokenizer.encode(TEXT))
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths.shape == (tokenizer.vocab_size,) and lengths.dtype == torch.int64
+    assert int(lengths[ids].sum()) == len(TEXT.encode("utf-8"))  # an emoji split over tokens counts once
+    assert target_bytes(ids, lengths) == len(TEXT.encode("utf-8"))
+    assert lengths[tokenizer.eot_id] == 0  # end-of-text stands for no text
+
+
+def test_bits_per_byte_is_the_loss_in_bits_times_tokens_per_byte() -> None:
+    tokenizer = load_tokenizer()
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    model = load_model_for_test()
+    with torch.no_grad():
+        logits = model(ids[:, :-1])
+        nats = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
+    targets = ids[0, 1:]
+    target_text_bytes = len(tokenizer.decode(targets.tolist()).encode("utf-8"))
+    mean_loss = nats / targets.numel()
+    assert target_bytes(targets, tokenizer.token_byte_lengths()) == target_text_bytes
+    assert bits_per_byte(nats, target_text_bytes) == pytest.approx(
+        mean_loss / math.log(2) * targets.numel() / target_text_bytes
+    )
+    with pytest.raises(ValueError):
+        bits_per_byte(1.0, 0)
+
+
+def load_model_for_test():
+    from slm.config import preset
+    from slm.model import build_model
+
+    return build_model(preset("tiny", num_layers=1, context_length=64), device="cpu", seed=0).eval()
+
+
+def test_runs_record_bits_per_byte_in_metrics_and_checkpoint_metadata(tmp_path: Path) -> None:
+    result = train(quick_config(tmp_path, stories_file(tmp_path), max_steps=4, eval_every=4, sample_tokens=0))
+    last = train_records(result.run_dir)[-1]
+    assert last["val_bpb"] is not None and last["train_bpb"] is not None
+    # nats per token -> bits per byte: a GPT-2 token of English holds a few bytes
+    assert 0.1 < last["val_bpb"] * LN2 / last["val_loss"] < 1.0
+    assert result.val_bpb == last["val_bpb"]
+    metadata = json.loads((result.run_dir / "latest" / "metadata.json").read_text())
+    assert metadata["val_bpb"] == pytest.approx(last["val_bpb"])
+
+
+# ----- samples -------------------------------------------------------------------------------------
+def test_every_evaluation_keeps_greedy_and_sampled_continuations_with_their_step(tmp_path: Path) -> None:
+    result = train(quick_config(tmp_path, stories_file(tmp_path), max_steps=8, eval_every=4, sample_tokens=6))
+    samples = read_metrics(result.run_dir, SAMPLES_FILE)
+    assert sorted({s["step"] for s in samples}) == [4, 8]
+    for step in (4, 8):
+        kept = {(s["prompt"], s["mode"]) for s in samples if s["step"] == step}
+        assert kept == {(p, m) for p in SAMPLE_PROMPTS for m in ("greedy", "sampled")}
+    for s in samples:
+        assert s["text"].startswith(s["prompt"]) and len(s["text"]) > len(s["prompt"])
