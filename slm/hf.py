@@ -35,7 +35,7 @@ from .checkpoint import (
 )
 from .config import GLOBAL, LAYER_TYPES, SLIDING, ModelConfig, layer_types_from_pattern
 from .model import Gemma3LM
-from .tokenizer import EOT_ID, EOT_TEXT, load_tokenizer
+from .tokenizer import EOT_ID, EOT_TEXT, _bytes_to_unicode, gpt2_tokenizer
 
 HF_PREFIX = "model."
 TEXT_MODEL_TYPES = ("gemma3_text",)
@@ -210,7 +210,7 @@ def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     Each multi-byte token is the merge of the two parts that byte-level BPE, limited to lower
     ranks, splits it into; that recovers the original merge list in rank order.
     """
-    ranks = load_tokenizer().encoding._mergeable_ranks
+    ranks = gpt2_tokenizer().encoding._mergeable_ranks
     byte_to_char = _bytes_to_unicode()
 
     def split(token: bytes, max_rank: int) -> tuple[bytes, bytes]:
@@ -238,19 +238,6 @@ def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
             left, right = split(token, rank)
             merges.append(f"{text(left)} {text(right)}")
     return vocab, merges
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def write_hf_tokenizer(folder: Path) -> None:
