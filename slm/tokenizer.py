@@ -255,9 +255,8 @@ class FileTokenizer(Tokenizer):
             raise ValueError(f"{path} is not a readable tokenizer.json: {exc}") from exc
         self.identity = _sha256(path)
         config = self._read_config()
-        vocab = self.backend.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1
         self._added = self.backend.get_added_tokens_decoder()
+        self.vocab_size = max(self.backend.get_vocab_size(with_added_tokens=True), max(self._added, default=-1) + 1)
         self.special_ids = {i for i, token in self._added.items() if token.special}
         self.bos_id = self._special_id(config, "bos_token")
         eot = self._special_id(config, "eos_token")
@@ -268,7 +267,7 @@ class FileTokenizer(Tokenizer):
         self.pad_id = self._special_id(config, "pad_token")
         self.hidden_ids = {i for i in (self.bos_id, self.eot_id, self.pad_id) if i is not None}
         self.chat_template = self._read_chat_template(config)
-        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(self.backend.to_str()).get("decoder"))
+        self._byte_level = "ByteLevel" in str(self.backend.decoder)  # GPT-2-style pieces ("Ġthe")
 
     # ----- reading the folder ---------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
@@ -341,9 +340,12 @@ class FileTokenizer(Tokenizer):
         return piece.replace("▁", " ").encode()
 
     def token_byte_lengths(self) -> torch.Tensor:
-        lengths = torch.zeros(self.vocab_size, dtype=torch.long)
-        for piece, i in self.backend.get_vocab(with_added_tokens=False).items():
-            if BYTE_FALLBACK.match(piece):
+        lengths = [0] * self.vocab_size
+        for i in range(self.vocab_size):
+            piece = self.backend.id_to_token(i)
+            if piece is None:
+                continue
+            if piece.startswith("<0x") and BYTE_FALLBACK.match(piece):
                 lengths[i] = 1
             elif self._byte_level:
                 lengths[i] = len(piece)
@@ -351,7 +353,7 @@ class FileTokenizer(Tokenizer):
                 lengths[i] = len(piece.replace("▁", " ").encode())
         for i, token in self._added.items():
             lengths[i] = 0 if token.special else len(token.content.encode())
-        return lengths
+        return torch.tensor(lengths, dtype=torch.long)
 
     def stream_decoder(self) -> FileStreamDecoder:  # type: ignore[override]
         return FileStreamDecoder(self)
@@ -363,8 +365,10 @@ class FileTokenizer(Tokenizer):
 
     @property
     def max_ordinary_id(self) -> int:
-        ordinary = [i for i in self.backend.get_vocab(with_added_tokens=True).values() if i not in self.special_ids]
-        return max(ordinary, default=0)
+        last = self.vocab_size - 1
+        while last > 0 and last in self.special_ids:
+            last -= 1
+        return last
 
     # ----- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -34,8 +34,12 @@ def training_text() -> list[str]:
     ]
 
 
-def make_gemma_tokenizer_json(merges_budget: int = 200):
-    """A `tokenizers.Tokenizer` laid out like Gemma 3's (ids 0-106 special, then bytes, then merges)."""
+def make_gemma_tokenizer_json(merges_budget: int = 200, vocab_size: int | None = None):
+    """A `tokenizers.Tokenizer` laid out like Gemma 3's (ids 0-106 special, then bytes, then merges).
+
+    With `vocab_size` the vocabulary is filled up to that size with word pieces that no merge
+    produces (Gemma 3's has 262,144 entries), so every id a large-vocabulary model emits decodes.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
 
     scratch = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -47,6 +51,8 @@ def make_gemma_tokenizer_json(merges_budget: int = 200):
         vocab[token] = len(vocab)
     for token, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(token, len(vocab))
+    for index in range(len(vocab), vocab_size or 0):
+        vocab[f"▁word{index}"] = index
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
@@ -58,9 +64,9 @@ def make_gemma_tokenizer_json(merges_budget: int = 200):
     return tok
 
 
-def write_gemma_tokenizer(folder: Path, chat: bool = True) -> Path:
+def write_gemma_tokenizer(folder: Path, chat: bool = True, vocab_size: int | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    make_gemma_tokenizer_json().save(str(folder / "tokenizer.json"))
+    make_gemma_tokenizer_json(vocab_size=vocab_size).save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "model_max_length": 1_000_000,
@@ -89,9 +95,11 @@ def make_gemma_folder(folder: Path, with_tokenizer: bool = True, seed: int = 0, 
     """A transformers-written Gemma3ForCausalLM folder (random weights, norms too) with our tokenizer."""
     import transformers
 
-    tokenizer_vocab = make_gemma_tokenizer_json().get_vocab_size()
+    tokenizer_vocab = overrides.pop("tokenizer_vocab", None)
+    vocab_size = overrides.pop("vocab_size", None)
+    vocab_size = vocab_size or make_gemma_tokenizer_json(vocab_size=tokenizer_vocab).get_vocab_size()
     torch.manual_seed(seed)
-    config = gemma_text_config(overrides.pop("vocab_size", tokenizer_vocab), **overrides)
+    config = gemma_text_config(vocab_size, **overrides)
     model = transformers.Gemma3ForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -99,5 +107,5 @@ def make_gemma_folder(folder: Path, with_tokenizer: bool = True, seed: int = 0, 
                 param.normal_(0.0, 0.5)
     model.save_pretrained(folder)
     if with_tokenizer:
-        write_gemma_tokenizer(folder)
+        write_gemma_tokenizer(folder, vocab_size=tokenizer_vocab)
     return folder

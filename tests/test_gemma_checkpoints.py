@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ import slm
 from slm.checkpoint import CheckpointError, read_metadata, save_checkpoint
 from slm.hf import from_hf, to_hf
 from slm.tokenizer import FileTokenizer, GPT2Tokenizer, load_tokenizer
+from tests.conftest import REPO_ROOT, small_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,10 +157,23 @@ def test_our_checkpoints_keep_their_tokenizer_and_conversion_carries_it(gemma_di
 
 
 def test_save_checkpoint_with_the_gpt2_tokenizer_records_it_and_copies_nothing(tmp_path):
-    from tests.conftest import small_config
-
     model = slm.build_model(small_config(vocab_size=50257), seed=0)
     save_checkpoint(tmp_path / "c", model, {"step": 1}, tokenizer=slm.load_tokenizer())
     assert read_metadata(tmp_path / "c")["tokenizer"]["name"] == "gpt2"
     assert not (tmp_path / "c" / "tokenizer.json").exists()
     assert isinstance(slm.load(tmp_path / "c").tokenizer, GPT2Tokenizer)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux /proc")
+def test_a_262k_vocabulary_model_inspects_300_tokens_in_bounded_memory(tmp_path):
+    """Gemma's 262,144-token vocabulary with a tiny width: the (tokens x vocabulary) logits alone would
+    be 315 MB in fp32 for 300 tokens, and log-softmax, exp and entropy each as much again; inspecting
+    (next-token statistics and the logit lens) goes through the head in chunks instead."""
+    folder = make_gemma_folder(tmp_path / "big-vocab", tokenizer_vocab=262_144, vocab_size=262_144, hidden_size=16,
+                               intermediate_size=32, head_dim=8, max_position_embeddings=512)
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "inspect_memory.py"), str(folder), "300"],
+                         capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == 300 and result["vocab"] == 262_144
+    grown = result["peak_mb"] - result["before_mb"]
+    assert grown < 250, f"inspecting 300 tokens took {grown:.0f} MB above the loaded model"
