@@ -18,6 +18,7 @@ from .data import DEFAULT_DATASET, DataSpec
 RUN_CONFIG_FILE = "run.json"
 DEFAULT_MAX_STEPS = 2000
 OPTIMIZERS = ("adamw", "muon")
+INIT_FROM_CONTEXT = 512  # training windows of an imported model (Gemma 3's own context is 32k)
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -29,7 +30,10 @@ class TrainConfig:
     # model: a preset, optional ModelConfig field overrides, and the training context length
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
-    context_length: int | None = None  # None: the preset's
+    context_length: int | None = None  # None: the preset's (with init_from: INIT_FROM_CONTEXT)
+    # continue training an imported model (a checkpoint folder or a Hub repo id) instead of a fresh
+    # preset: its architecture, weights, tokenizer and vocabulary are kept
+    init_from: str | None = None
     # data (see slm.data.DataSpec)
     data: str = DEFAULT_DATASET
     val_data: str | None = None
@@ -155,7 +159,7 @@ def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -
     """Fill every `None` default; the result is what run.json stores."""
     c = dataclasses.replace(config, model=dict(config.model))
     if c.context_length is None:
-        c.context_length = c.model_config().context_length
+        c.context_length = INIT_FROM_CONTEXT if c.init_from else c.model_config().context_length
     if c.batch_size is None:
         c.batch_size = 32 if device.type == "cuda" else 4
     if c.max_steps is None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gemma_helpers import (
@@ -177,3 +178,42 @@ def test_a_262k_vocabulary_model_inspects_300_tokens_in_bounded_memory(tmp_path)
     assert result["tokens"] == 300 and result["vocab"] == 262_144
     grown = result["peak_mb"] - result["before_mb"]
     assert grown < 250, f"inspecting 300 tokens took {grown:.0f} MB above the loaded model"
+
+
+def test_train_init_from_keeps_the_imported_tokenizer_and_vocabulary(tmp_path):
+    """`train.py --init-from FOLDER`: a few steps on stories, with the imported model's tokenizer (its
+    70,000-token vocabulary needs uint32 token files) and its weights as the starting point."""
+    from training_helpers import PYTHON, stories_file, subprocess_env
+
+    from slm.data import DataSpec, cache_key, iter_file_stories
+
+    folder = make_gemma_folder(tmp_path / "imported", tokenizer_vocab=70_000, vocab_size=70_000)
+    imported = slm.load(folder)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = subprocess.run(
+        [PYTHON, str(REPO_ROOT / "train.py"), "--init-from", str(folder), "--data", str(stories_file(tmp_path)),
+         "--context-length", "32", "--batch-size", "2", "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3",
+         "--cache-dir", str(cache), "--device", "cpu", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "finished at step 4/4" in result.stdout
+    trained = slm.load(out / "latest")
+    assert trained.tokenizer.identity == imported.tokenizer.identity
+    assert (out / "latest" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    assert trained.model.config == imported.model.config  # vocabulary and architecture kept
+    metadata = read_metadata(out / "latest")
+    assert metadata["init_from"] == str(folder) and metadata["tokenizer"]["vocab_size"] == 70_000
+    # started from the imported weights (a fresh init would be nowhere near them), and moved
+    before, after = imported.model.embed_tokens.weight, trained.model.embed_tokens.weight
+    change = ((after - before).norm() / before.norm()).item()
+    assert 0 < change < 0.1
+    # the data was tokenized by the imported tokenizer, into uint32 files, under its own cache key
+    meta = json.loads(next(cache.glob("*/meta.json")).read_text())
+    assert meta["dtype"] == "uint32" and meta["eot_id"] == EOS_ID
+    tokens = np.memmap(next(cache.glob("*/train.bin")), dtype=np.uint32, mode="r")
+    story = list(iter_file_stories(stories_file(tmp_path)))[1]  # the first goes to validation
+    expected = [*imported.tokenizer.encode(story), EOS_ID]  # BOS first, as the model was trained
+    assert tokens[: len(expected)].tolist() == expected and expected[0] == BOS_ID
+    spec = DataSpec(str(stories_file(tmp_path)))
+    assert cache_key(spec, imported.tokenizer) != cache_key(spec, slm.load_tokenizer())
