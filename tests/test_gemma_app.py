@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import time
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from app_helpers import running_app
+from app_helpers import running_app, write_stories
 from gemma_helpers import END_OF_TURN_ID, make_gemma_folder
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import slm
+from slm.checkpoint import read_metadata
 from slm.hub import gated_message
+from ui.train_tab import FILE_SOURCE
 
 pytest.importorskip("transformers")
 
@@ -28,6 +31,7 @@ PROMPT = "Once upon a time, Lily saw a 🐶"
 def gemma_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma-app")
     folder = make_gemma_folder(root / "checkpoints" / KEY)
+    write_stories(root / "data" / "stories.txt", count=100)
     with running_app(root / "checkpoints", root / "data") as (url, _manager):
         yield {"url": url, "folder": folder, "checkpoints": root / "checkpoints"}
 
@@ -149,3 +153,21 @@ def test_the_readme_lines_load_a_hub_repo_with_its_tokenizer(gemma_app, tmp_path
                        stop_token_ids=tok.stop_ids)
     assert tok.decode(new) == slm.load(gemma_app["folder"]).tokenizer.decode(new)
     assert {"*.json", "*.safetensors"} <= set(calls[0]) and not any(p.endswith((".bin", ".pt")) for p in calls[0])
+
+
+def test_the_train_tab_continues_an_imported_model(gemma_app, client, lm):
+    # preset, data source, stories, data file, steps, batch size, learning rate, context length, continue from
+    message = client.predict("tiny", FILE_SOURCE, 0, "stories.txt", 3, 2, 1e-3, 32, KEY, api_name="/start_training")
+    assert message.startswith("Started run")
+    deadline = time.monotonic() + 240
+    while (status := client.predict(api_name="/training_status"))["state"] in ("preparing", "running", "stopping"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status["state"] == "finished", status["message"]
+    latest = Path(status["run_dir"]) / "latest"
+    assert Path(status["run_dir"]).name.startswith("someone--tiny-gemma-3-it-")
+    assert read_metadata(latest)["init_from"] == str(gemma_app["folder"].resolve())
+    trained = slm.load(latest)
+    assert trained.tokenizer.identity == lm.tokenizer.identity and trained.model.config == lm.model.config
+    with pytest.raises(AppError, match="outside the folders"):
+        client.predict("tiny", FILE_SOURCE, 0, "stories.txt", 3, 2, 1e-3, 32, "../../etc", api_name="/start_training")
