@@ -84,6 +84,17 @@ def test_generation_stops_at_the_end_of_turn_token(lm):
     assert steps[-1] == ("", 1)  # one token drawn, the end of turn, and no text
 
 
+def test_a_prompt_cut_to_fit_keeps_its_bos(lm):
+    from ui.generate_tab import prepare_prompt
+
+    text = "Lily had a red kite and a cat named Max. " * 40
+    full = lm.tokenizer.encode(text)
+    ids, new_tokens, dropped = prepare_prompt(lm.tokenizer, lm.model, text, 100)
+    context = lm.model.config.context_length
+    assert dropped > 0 and len(ids) + new_tokens <= context and len(ids) + dropped == len(full)
+    assert ids[0] == lm.tokenizer.bos_id and ids[1:] == full[-(len(ids) - 1):]
+
+
 def test_step_by_step_shows_the_checkpoint_tokens(client, lm):
     tok = lm.tokenizer
     ids = tok.encode(PROMPT)

@@ -71,7 +71,10 @@ def prepare_prompt(
     if max_new_tokens > room:
         gr.Warning(f"This model's context holds {context} tokens: generating {room} new tokens, not {max_new_tokens}.")
         max_new_tokens = room
+    bos = [ids[0]] if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
     ids, dropped = fit_to_length(ids, context - max_new_tokens)
+    if dropped and bos:  # a vocabulary with BOS was trained with it first: keep it in front
+        ids = bos + ids[1:]
     if dropped:
         gr.Warning(
             f"The prompt is longer than the room left in the {context}-token context: "
