@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import slm  # noqa: E402
-from bench.common import Table, interleaved, machine_description  # noqa: E402
+from bench.common import Table, machine_description  # noqa: E402
 from bench.run import transformers_twin  # noqa: E402
 from slm.config import count_parameters, preset  # noqa: E402
 from slm.inspection import inspect_ids, logit_lens  # noqa: E402
@@ -53,6 +54,13 @@ def peak_above(fn) -> tuple[float, float]:
     return time.perf_counter() - start, status_mb("VmHWM") - before
 
 
+def timed(fn, rounds: int) -> tuple[float, float]:
+    """Median seconds over `rounds` calls after one warm-up call, and the largest peak memory of them."""
+    fn()
+    results = [peak_above(fn) for _ in range(rounds)]
+    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+
+
 def standin_tokenizer(folder: Path) -> slm.Tokenizer:
     from gemma_helpers import write_gemma_tokenizer
 
@@ -63,7 +71,7 @@ def standin_tokenizer(folder: Path) -> slm.Tokenizer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="measured calls per line, after one warm-up")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens for generation")
     parser.add_argument("--new", type=int, default=32, help="new tokens per generation")
     parser.add_argument("--inspect", type=int, default=256, help="tokens inspected")
@@ -110,25 +118,22 @@ def main(argv: list[str] | None = None) -> int:
                 torch.topk(log_probs, 10, dim=-1)
                 -(log_probs.exp() * log_probs).sum(-1)
 
-        times = interleaved({"ours greedy": ours_greedy, "ours sampled": ours_sampled,
-                             "transformers greedy": theirs_greedy}, args.rounds)
         for label, fn in (("ours greedy", ours_greedy), ("ours sampled (T 0.8, top-k 50, top-p 0.95)", ours_sampled),
                           ("transformers generate, greedy", theirs_greedy)):
-            key = label.split(" (")[0].replace(" generate,", "")
-            _, peak = peak_above(fn)
-            gen.add(label, name, args.new / times[key], peak)
-        times = interleaved({"ours": ours_inspect, "theirs": theirs_inspect}, args.rounds)
-        for label, key, fn in (("ours: inspect_ids + logit lens at one position", "ours", ours_inspect),
-                               ("transformers forward (attentions, hidden states) + log-softmax, top-10, "
-                                "entropy", "theirs", theirs_inspect)):
-            _, peak = peak_above(fn)
-            ins.add(label, name, times[key] * 1e3, peak)
+            seconds, peak = timed(fn, args.rounds)
+            gen.add(label, name, args.new / seconds, peak)
+        for label, fn in (("ours: inspect_ids + logit lens at one position", ours_inspect),
+                          ("transformers forward (attentions, hidden states) + log-softmax, top-10, entropy",
+                           theirs_inspect)):
+            seconds, peak = timed(fn, args.rounds)
+            ins.add(label, name, seconds * 1e3, peak)
         gen.notes.append(f"{name}: the model itself takes {model_mb:,.0f} MB resident")
+        print(gen.text(), ins.text(), sep="\n", flush=True)  # so far (a slow machine may not reach the end)
         del model, twin
         gc.collect()
     for table in (gen, ins):
-        table.notes.append(f"{machine_description()}; median of {args.rounds} interleaved rounds after a warm-up; "
-                           "times include the prefill; peak = resident high-water mark of one more call")
+        table.notes.append(f"{machine_description()}; median of {args.rounds} call(s) after a warm-up call; times "
+                           "include the prefill; peak = resident high-water mark during a measured call")
         print(table.text())
     return 0
 

@@ -55,11 +55,21 @@ class Tokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode_documents(self, texts: Sequence[str], num_threads: int = 8) -> np.ndarray:
+        raise NotImplementedError
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
     def token_bytes(self, token_id: int) -> bytes:
         raise NotImplementedError
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        """The prompt as a user turn of the chat template (instruction-tuned vocabularies only)."""
+        raise ValueError(f"the {self.name} tokenizer has no chat template")
 
     @property
     def is_gpt2(self) -> bool:
