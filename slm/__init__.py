@@ -10,9 +10,10 @@
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import PRESETS, ModelConfig, count_parameters, preset
+from .engine import generate, stream_generate, warm_up
 from .loading import LoadedModel, list_checkpoints, load, load_model
 from .model import Gemma3LM, build_model
-from .sampling import generate, stream_generate
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Gemma3LM",
     "LoadedModel",
     "ModelConfig",
+    "SamplingParams",
     "Tokenizer",
     "build_model",
     "count_parameters",
@@ -32,4 +34,5 @@ __all__ = [
     "preset",
     "save_checkpoint",
     "stream_generate",
+    "warm_up",
 ]

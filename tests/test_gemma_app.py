@@ -72,6 +72,7 @@ def test_the_chat_template_wraps_the_prompt(client, lm):
 def test_generation_stops_at_the_end_of_turn_token(lm):
     """A copy of the model whose next token after the prompt is <end_of_turn> (its embedding row made
     to point along the last hidden state): generation stops there, as at EOS."""
+    from slm.sampling import SamplingParams
     from ui.generate_tab import SamplingSettings, stream_text
 
     model = slm.load_model(lm.path)
@@ -80,7 +81,7 @@ def test_generation_stops_at_the_end_of_turn_token(lm):
         final, _, _ = model._run_layers(torch.tensor([ids]), None, return_trace=False)
         model.embed_tokens.weight[END_OF_TURN_ID] = 50 * final[0, -1] / final[0, -1].norm()
         assert int(model(torch.tensor([ids]))[0, -1].argmax()) == END_OF_TURN_ID
-    steps = list(stream_text(model, lm.tokenizer, ids, SamplingSettings(10, 0.0, None, None, 0)))
+    steps = list(stream_text(model, lm.tokenizer, ids, SamplingSettings(10, SamplingParams(temperature=0.0))))
     assert steps[-1] == ("", 1)  # one token drawn, the end of turn, and no text
 
 

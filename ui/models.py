@@ -15,6 +15,7 @@ import gradio as gr
 
 from slm import CheckpointError, LoadedModel, build_model, count_parameters, list_checkpoints, load, preset
 from slm.checkpoint import WEIGHTS_FILE
+from slm.engine import warm_up_in_background
 from slm.hub import download, is_repo_id
 from slm.loading import CheckpointInfo, read_checkpoint_info
 from slm.tokenizer import gpt2_tokenizer, has_tokenizer_files
@@ -125,6 +126,7 @@ class ModelRegistry:
             else:
                 loaded = load(folder, device=self.settings.device, dtype=self.settings.dtype)
             self._loaded[cache_key] = loaded
+            warm_up_in_background(loaded.model)  # compiles the decode step where that is the default (GPU, large CPU)
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
             return loaded
