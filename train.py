@@ -4,6 +4,7 @@
     python train.py                                   # the tiny preset on TinyStories from the hub
     python train.py --data stories.txt --max-steps 300
     python train.py --resume checkpoints/tiny-20250101-120000 --max-steps 600
+    python train.py --init-from google/gemma-3-270m --max-steps 100   # continue an imported model
     torchrun --nproc_per_node=4 train.py --preset small --max-tokens 500_000_000
 
 Ctrl-C finishes the current step, saves and exits; `--resume RUN` continues exactly where it stopped.
@@ -43,7 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     model = p.add_argument_group("model")
     model.add_argument("--preset", help="model size: tiny (7.4M), small (56M) or gemma3-270m (132.5M) [tiny]")
-    model.add_argument("--context-length", type=int, help="tokens per training sequence [the preset's]")
+    model.add_argument("--context-length", type=int, help="tokens per training sequence [the preset's; 512 with "
+                       "--init-from]")
+    model.add_argument("--init-from", metavar="FOLDER_OR_REPO",
+                       help="continue training this model (a checkpoint folder, a transformers Gemma 3 folder or "
+                       "a Hub repo id) with its own tokenizer and vocabulary, instead of a fresh --preset")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="hub dataset name, or a local .txt/.jsonl/.json/.parquet file or folder "
                       "[roneneldan/TinyStories]")

@@ -1,4 +1,5 @@
-"""Checkpoints: a folder holding `config.json`, `model.safetensors` and (optionally) `metadata.json`.
+"""Checkpoints: a folder holding `config.json`, `model.safetensors`, (optionally) `metadata.json`, and
+the tokenizer files of a model that does not use the bundled GPT-2 tokenizer (`tokenizer.json`, ...).
 
 Folders are written atomically: everything goes into a temporary sibling folder that is renamed into
 place only when complete, so a crash while saving leaves the previous checkpoint loadable. Weights
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .model import Gemma3LM
+from .tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,8 +68,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_model_files(folder: Path, model: Gemma3LM, metadata: dict[str, Any] | None = None) -> None:
-    """Write config, weights (without vocabulary padding, contiguous, on CPU) and metadata into `folder`."""
+def write_model_files(
+    folder: Path, model: Gemma3LM, metadata: dict[str, Any] | None = None, tokenizer: Tokenizer | None = None
+) -> None:
+    """Write config, weights (without vocabulary padding, contiguous, on CPU) and metadata into `folder`.
+
+    With a `tokenizer`, the metadata records which one the model goes with, and its files (none for
+    the bundled GPT-2) are copied beside the weights: one model, one tokenizer.
+    """
+    if tokenizer is not None:
+        metadata = {**(metadata or {}), "tokenizer": tokenizer.metadata()}
+        tokenizer.save(folder)
     model.config.save(folder / CONFIG_FILE)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.export_state_dict().items()}
     if model.config.tie_embeddings:
@@ -77,11 +88,13 @@ def write_model_files(folder: Path, model: Gemma3LM, metadata: dict[str, Any] | 
         write_json(folder / METADATA_FILE, metadata)
 
 
-def save_checkpoint(path: str | Path, model: Gemma3LM, metadata: dict[str, Any] | None = None) -> Path:
-    """Save a model to a checkpoint folder, atomically. Returns the folder."""
+def save_checkpoint(
+    path: str | Path, model: Gemma3LM, metadata: dict[str, Any] | None = None, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Save a model (and its tokenizer's files, see `write_model_files`) to a checkpoint folder, atomically."""
     path = Path(path)
     with atomic_directory(path) as tmp:
-        write_model_files(tmp, model, metadata)
+        write_model_files(tmp, model, metadata, tokenizer)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Training data: text source -> stories -> tokens -> cached uint16 memmaps -> random windows.
+"""Training data: text source -> stories -> tokens -> cached uint16 (uint32 for large vocabularies)
+memmaps -> random windows.
 
 A source is either a Hugging Face hub dataset name (default `roneneldan/TinyStories`) or local
 files: the dataset's raw `.txt` format (stories separated by `<|endoftext|>` lines), `.jsonl`,
@@ -36,6 +37,11 @@ DEFAULT_DATASET = "roneneldan/TinyStories"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 CACHE_FORMAT = 1  # bump when the layout of a cache folder or the tokenization changes
 TOKENS_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the disk and page cache of int32
+
+
+def tokens_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """uint16 where every id fits (GPT-2), uint32 for larger vocabularies (Gemma's 262,144)."""
+    return TOKENS_DTYPE if vocab_size <= np.iinfo(TOKENS_DTYPE).max + 1 else np.uint32
 ENCODE_CHUNK_CHARS = 4_000_000  # stories are encoded in parallel in chunks of about this many characters
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -252,7 +258,7 @@ def cache_key(spec: DataSpec, tokenizer: Tokenizer) -> str:
         "max_stories": spec.max_stories,
         "text_field": spec.text_field,
         "holdout_every": None if spec.val_source else spec.holdout_every,
-        "tokenizer": [RANKS_SHA256, tokenizer.eot_id, tokenizer.vocab_size],
+        "tokenizer": [tokenizer.identity or RANKS_SHA256, tokenizer.eot_id, tokenizer.vocab_size],
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -318,12 +324,13 @@ class PreparedData:
 
 def _open_prepared(folder: Path, reused: bool) -> PreparedData:
     meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta.get("dtype", np.dtype(TOKENS_DTYPE).name))
     arrays = {}
     for split in ("train", "val"):
         path = folder / f"{split}.bin"
         arrays[split] = (
-            np.memmap(path, dtype=TOKENS_DTYPE, mode="r") if path.stat().st_size
-            else np.zeros(0, dtype=TOKENS_DTYPE)
+            np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size
+            else np.zeros(0, dtype=dtype)
         )
     return PreparedData(folder, arrays["train"], arrays["val"], meta, reused)
 
@@ -359,8 +366,7 @@ def prepare_data(
     `should_stop` is polled between chunks so a stop request during a long preparation is honoured;
     the partial folder is discarded and nothing is cached.
     """
-    if tokenizer.vocab_size > np.iinfo(TOKENS_DTYPE).max + 1:
-        raise DataError(f"a vocabulary of {tokenizer.vocab_size} does not fit uint16 token files")
+    dtype = tokens_dtype(tokenizer.vocab_size)
     cache_dir = Path(cache_dir).expanduser()
     key = cache_key(spec, tokenizer)
     folder = cache_dir / key
@@ -385,7 +391,7 @@ def prepare_data(
                 for split, out in files.items():
                     stories = [story for s, story in chunk if s == split]
                     ids = tokenizer.encode_documents(stories, num_threads=threads)  # each story + end-of-text
-                    out.write(ids.astype(TOKENS_DTYPE).tobytes())
+                    out.write(ids.astype(dtype).tobytes())
                     counts[split][0] += len(stories)
                     counts[split][1] += ids.size
                 bar.update(len(chunk))
@@ -415,6 +421,7 @@ def prepare_data(
             "val_stories": counts["val"][0],
             "val_tokens": counts["val"][1],
             "eot_id": tokenizer.eot_id,
+            "dtype": np.dtype(dtype).name,
             "seconds": round(time.perf_counter() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -2,8 +2,9 @@
 
 Our parameter names are transformers' names without the `model.` prefix, so the weights need no
 arithmetic, only a rename. The config is written in both the 4.x spelling (`rope_theta`,
-`rope_local_base_freq`) and the 5.x one (`rope_parameters`) so either version loads it. The GPT-2
-tokenizer is written as `vocab.json` + `merges.txt` so `AutoTokenizer` loads it too.
+`rope_local_base_freq`) and the 5.x one (`rope_parameters`) so either version loads it. The tokenizer
+travels both ways: a checkpoint's own `tokenizer.json` (Gemma's, say) is copied as it is, and the
+bundled GPT-2 tokenizer is written as `vocab.json` + `merges.txt` so `AutoTokenizer` loads it too.
 
     python -m slm.hf to-hf CHECKPOINT OUT     # our folder -> transformers folder
     python -m slm.hf from-hf HF_DIR OUT       # transformers folder -> our folder
@@ -35,7 +36,7 @@ from .checkpoint import (
 )
 from .config import GLOBAL, LAYER_TYPES, SLIDING, ModelConfig, layer_types_from_pattern
 from .model import Gemma3LM
-from .tokenizer import EOT_ID, EOT_TEXT, load_tokenizer
+from .tokenizer import EOT_ID, EOT_TEXT, Tokenizer, _bytes_to_unicode, gpt2_tokenizer, load_tokenizer
 
 HF_PREFIX = "model."
 TEXT_MODEL_TYPES = ("gemma3_text",)
@@ -45,8 +46,12 @@ def is_hf_config(data: dict[str, Any]) -> bool:
     return "model_type" in data or "architectures" in data
 
 
-def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+def config_to_hf(config: ModelConfig, torch_dtype: str = "float32", tokenizer: Tokenizer | None = None
+                 ) -> dict[str, Any]:
     eot = EOT_ID if config.vocab_size > EOT_ID else None  # small test vocabularies have no GPT-2 end-of-text
+    bos = eot
+    if tokenizer is not None and not tokenizer.is_gpt2:
+        eot, bos = tokenizer.eot_id, tokenizer.bos_id
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -78,7 +83,7 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str,
         "use_bidirectional_attention": False,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
-        "bos_token_id": eot,
+        "bos_token_id": bos,
         "eos_token_id": eot,
         "pad_token_id": None,  # transformers' default 0 would zero embedding row 0 at init
         "torch_dtype": torch_dtype,
@@ -210,7 +215,7 @@ def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     Each multi-byte token is the merge of the two parts that byte-level BPE, limited to lower
     ranks, splits it into; that recovers the original merge list in rank order.
     """
-    ranks = load_tokenizer().encoding._mergeable_ranks
+    ranks = gpt2_tokenizer().encoding._mergeable_ranks
     byte_to_char = _bytes_to_unicode()
 
     def split(token: bytes, max_rank: int) -> tuple[bytes, bytes]:
@@ -240,19 +245,6 @@ def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def write_hf_tokenizer(folder: Path) -> None:
     vocab, merges = _gpt2_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -265,29 +257,43 @@ def write_hf_tokenizer(folder: Path) -> None:
                {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT})
 
 
-def save_hf(model: Gemma3LM, out: str | Path, with_tokenizer: bool = True) -> Path:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads as Gemma3ForCausalLM."""
+def save_hf(model: Gemma3LM, out: str | Path, with_tokenizer: bool = True, tokenizer: Tokenizer | None = None
+            ) -> Path:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads as Gemma3ForCausalLM,
+    with the model's tokenizer (`tokenizer`, or GPT-2's when the vocabulary is GPT-2's)."""
     out = Path(out)
     config = model.config
+    own = tokenizer is not None and not tokenizer.is_gpt2
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.export_state_dict().items()}
     dtype_name = str(model.dtype).removeprefix("torch.")
     with atomic_directory(out) as tmp:
-        write_json(tmp / "config.json", config_to_hf(config, dtype_name))
-        if config.vocab_size > EOT_ID:
+        write_json(tmp / "config.json", config_to_hf(config, dtype_name, tokenizer))
+        if own:
+            write_json(tmp / "generation_config.json", {
+                "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id,
+            })
+        elif config.vocab_size > EOT_ID:
             write_json(tmp / "generation_config.json",
                        {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID})
         save_file(state_to_hf(state, config), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if with_tokenizer and config.vocab_size == EOT_ID + 1:
+        if with_tokenizer and own:
+            tokenizer.save(tmp)
+        elif with_tokenizer and config.vocab_size == EOT_ID + 1:
             write_hf_tokenizer(tmp)
     return out
 
 
 def to_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    return save_hf(load_checkpoint(checkpoint), out)
+    """Our checkpoint folder -> a transformers folder, its tokenizer included."""
+    return save_hf(load_checkpoint(checkpoint), out, tokenizer=load_tokenizer(checkpoint))
 
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    return save_checkpoint(out, load_hf_model(hf_dir), metadata={"source": str(hf_dir)})
+    """A transformers folder -> our checkpoint folder; its tokenizer files come along and are recorded."""
+    tokenizer = load_tokenizer(hf_dir)
+    model = load_hf_model(hf_dir)
+    fits = not tokenizer.is_gpt2 or tokenizer.vocab_size == model.config.vocab_size
+    return save_checkpoint(out, model, metadata={"source": str(hf_dir)}, tokenizer=tokenizer if fits else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,46 @@ def fit_to_length(ids: Sequence[int], max_tokens: int) -> tuple[list[int], int]:
     return ids[dropped:], dropped
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits computed at once: 16 MB in fp32, whatever the vocabulary
+
+
+def _next_token_statistics(
+    model: Gemma3LM, final: torch.Tensor, ids: Sequence[int], top_k: int
+) -> tuple[list[float], list[float], list[list[int]], list[list[float]]]:
+    """From the final normed hidden states (T, D): p(token t+1 | ...), the entropy and the top-k of every
+    position. Positions go through the output head a chunk at a time into two reused fp32 buffers
+    (fp32 where it matters: the softmax); top-k runs on the model's device and only k numbers per
+    position leave it. Results go into tensors made up front, so nothing small is allocated between
+    the large buffers (which would keep freed chunks from being reused)."""
+    vocab, length = model.config.vocab_size, final.shape[0]
+    step = min(length, max(1, LOGIT_CHUNK_ELEMENTS // vocab))
+    device = final.device
+    targets = torch.tensor([*ids[1:], 0], dtype=torch.long, device=device)
+    k = min(top_k, vocab)
+    seen = torch.empty(length, device=device)
+    entropies = torch.empty(length, device=device)
+    top_values = torch.empty(length, k, device=device)
+    top_ids = torch.empty(length, k, dtype=torch.long, device=device)
+    log_probs_buffer = torch.empty(step, vocab, device=device)
+    probs_buffer = torch.empty(step, vocab, device=device)
+    for start in range(0, length, step):
+        end = min(start + step, length)
+        log_probs, probs = log_probs_buffer[: end - start], probs_buffer[: end - start]
+        torch.log_softmax(model.logits(final[start:end]).float(), dim=-1, out=log_probs)
+        torch.gather(log_probs, -1, targets[start:end, None], out=seen[start:end, None])
+        torch.topk(log_probs, k, dim=-1, out=(top_values[start:end], top_ids[start:end]))
+        # entropy as `_entropy` computes it, in place: -sum(p * log p), where p = 0 contributes 0
+        torch.exp(log_probs, out=probs)
+        log_probs.masked_fill_(probs == 0, 0.0)
+        torch.sum(probs.mul_(log_probs), dim=-1, out=entropies[start:end]).neg_()
+    return (
+        seen.exp()[:-1].tolist(),
+        entropies.tolist(),
+        top_ids.tolist(),
+        top_values.exp().tolist(),
+    )
+
+
 def inspect_ids(
     model: Gemma3LM, tokenizer: Tokenizer, ids: Sequence[int], top_k: int = 10, max_tokens: int | None = None
 ) -> Inspection:
@@ -135,13 +175,10 @@ def inspect_ids(
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     with torch.inference_mode():
-        trace = model.trace(input_ids)
-        log_probs = torch.log_softmax(trace.logits[0].float(), dim=-1)  # (T, V)
-    targets = torch.tensor(ids[1:], dtype=torch.long, device=log_probs.device)
-    seen = log_probs[:-1].gather(-1, targets[:, None]).squeeze(-1).exp().tolist()
-    entropies = _entropy(log_probs).tolist()
-    top = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1)  # every position at once
-    top_ids, top_probs = top.indices.tolist(), top.values.exp().tolist()
+        # the layers once, keeping every hidden state and attention map; the (T, vocab) logits are never
+        # held whole: with Gemma's 262,144 tokens they would be 1 GB in fp32 for 1,000 tokens
+        final, states, attentions = model._run_layers(input_ids, None, return_trace=True)
+        seen, entropies, top_ids, top_probs = _next_token_statistics(model, final[0], ids, top_k)
     next_tokens = [
         NextTokenView(
             position=t,
@@ -158,10 +195,10 @@ def inspect_ids(
         tokens=tokenizer.token_strings(ids),
         token_probabilities=[None, *seen],
         next_tokens=next_tokens,
-        attentions=[a[0].float().cpu().numpy() for a in trace.attentions],
+        attentions=[a[0].float().cpu().numpy() for a in attentions],
         layer_types=list(model.config.layer_types),
         sliding_window=model.config.sliding_window,
-        hidden_states=torch.stack([h[0] for h in trace.hidden_states]).cpu(),
+        hidden_states=torch.stack([h[0] for h in states]).cpu(),
         dropped_tokens=dropped,
     )
 

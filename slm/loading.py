@@ -1,4 +1,8 @@
-"""One entry point for weights on disk: our checkpoint folders and transformers Gemma 3 folders alike."""
+"""One entry point for weights on disk: our checkpoint folders and transformers Gemma 3 folders alike.
+
+`load(path)` gives the model together with its tokenizer (the folder's `tokenizer.json`, or GPT-2),
+refusing a pair that does not fit; `load_model(path)` gives the model alone.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from .checkpoint import (
 )
 from .config import ModelConfig, count_parameters
 from .hf import config_from_hf, is_hf_config, load_hf_model
+from .hub import download, is_repo_id
 from .model import Gemma3LM
+from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, has_tokenizer_files, load_tokenizer
 
 
 def _folder(path: str | Path) -> Path:
@@ -38,6 +44,67 @@ def load_model(
     if is_hf_config(read_json(folder / CONFIG_FILE)):
         return load_hf_model(folder, device=device, dtype=dtype)
     return load_checkpoint(folder, device=device, dtype=dtype)
+
+
+@dataclass
+class LoadedModel:
+    """A model and the tokenizer it was trained with: what every tab and script works with."""
+
+    model: Gemma3LM
+    tokenizer: Tokenizer
+    path: Path | None = None
+
+
+def check_tokenizer_fits(vocab_size: int, tokenizer: Tokenizer, folder: Path | None = None) -> None:
+    """Refuse a model and tokenizer that do not belong together, saying what is missing.
+
+    The tokenizer must not produce ids the model has no row for; and a model whose vocabulary is not
+    GPT-2's needs its own tokenizer files (a Gemma 3 folder without `tokenizer.json` would otherwise
+    be read with GPT-2's 50,257 tokens and its output decoded into nonsense, or not at all).
+    """
+    where = f"{folder} " if folder is not None else "the model "
+    if tokenizer.is_gpt2 and vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"{where}has a {vocab_size:,}-token vocabulary but no tokenizer files ({TOKENIZER_FILE} and "
+            f"{TOKENIZER_CONFIG_FILE}), and the bundled GPT-2 tokenizer has {tokenizer.vocab_size:,} tokens. "
+            f"Copy the model's {TOKENIZER_FILE} and {TOKENIZER_CONFIG_FILE} into the folder (for a Hub model, "
+            "download it again: the tokenizer files come with it)."
+        )
+    if tokenizer.max_ordinary_id >= vocab_size:
+        raise CheckpointError(
+            f"{where}has a {vocab_size:,}-token vocabulary, but its tokenizer ({tokenizer.name}) produces ids up "
+            f"to {tokenizer.max_ordinary_id:,}: they belong to different models."
+        )
+
+
+def _recorded_tokenizer_missing(folder: Path) -> None:
+    recorded = read_metadata(folder).get("tokenizer") or {}
+    if recorded.get("name") not in (None, "gpt2") and not has_tokenizer_files(folder):
+        raise CheckpointError(
+            f"{folder} was trained with its own tokenizer ({recorded.get('name')}, {recorded.get('vocab_size')} "
+            f"tokens) but {TOKENIZER_FILE} is missing from the folder; copy it back beside the weights."
+        )
+
+
+def load(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    download_dir: str | Path | None = None,
+) -> LoadedModel:
+    """The model and its tokenizer from a checkpoint folder, a transformers Gemma 3 folder, or a Hub
+    repo id (downloaded, with its tokenizer, into `download_dir` or the Hugging Face cache).
+
+        lm = slm.load("google/gemma-3-270m")     # or a folder
+        ids = lm.tokenizer.encode("Once upon a time")
+    """
+    text = str(path)
+    if not Path(text).expanduser().exists() and is_repo_id(text):
+        path = download(text, download_dir)
+    folder = _folder(path)
+    _recorded_tokenizer_missing(folder)
+    tokenizer = load_tokenizer(folder)
+    info = read_checkpoint_info(folder)
+    check_tokenizer_fits(info.config.vocab_size, tokenizer, folder)  # before reading any weights
+    return LoadedModel(load_model(folder, device=device, dtype=dtype), tokenizer, folder)
 
 
 @dataclass

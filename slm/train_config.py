@@ -29,6 +29,7 @@ GPU_RECIPES: dict[str, dict[str, int]] = {
 }
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
+INIT_FROM_CONTEXT = 512  # training windows of an imported model (Gemma 3's own context is 32k)
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,7 +41,10 @@ class TrainConfig:
     # model: a preset, optional ModelConfig field overrides, and the training context length
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
-    context_length: int | None = None  # None: the preset's
+    context_length: int | None = None  # None: the preset's (with init_from: INIT_FROM_CONTEXT)
+    # continue training an imported model (a checkpoint folder or a Hub repo id) instead of a fresh
+    # preset: its architecture, weights, tokenizer and vocabulary are kept
+    init_from: str | None = None
     # data (see slm.data.DataSpec)
     data: str = DEFAULT_DATASET
     val_data: str | None = None
@@ -199,8 +203,8 @@ def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -
     """Fill every `None` default; the result is what run.json stores."""
     c = dataclasses.replace(config, model=dict(config.model))
     if c.context_length is None:
-        c.context_length = c.model_config().context_length
-    recipe = GPU_RECIPES.get(c.preset, {}) if device.type == "cuda" and not c.model else {}
+        c.context_length = INIT_FROM_CONTEXT if c.init_from else c.model_config().context_length
+    recipe = GPU_RECIPES.get(c.preset, {}) if device.type == "cuda" and not (c.model or c.init_from) else {}
     if c.batch_size is None:
         c.batch_size = recipe.get("batch_size", GPU_BATCH_SIZE) if device.type == "cuda" else CPU_BATCH_SIZE
         if c.max_steps is None and c.max_tokens is None and c.max_time is None and c.data == DEFAULT_DATASET:

@@ -41,6 +41,7 @@ from .config import count_parameters
 from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
 from .flops import device_peak_flops, mfu, training_flops_per_token
+from .loading import LoadedModel, load
 from .metrics import bpb_from_mean_loss
 from .model import Gemma3LM, build_model
 from .optim import (
@@ -268,7 +269,8 @@ class Trainer:
 
     def build(self) -> None:
         c = self.config
-        tokenizer = load_tokenizer()
+        imported = self._imported_model()
+        tokenizer = imported.tokenizer if imported is not None else load_tokenizer()
         self.tokenizer = tokenizer
         spec = c.data_spec()
         stop = self.stop_requested_locally
@@ -286,8 +288,12 @@ class Trainer:
         self.eval_length = min(c.context_length, data.val.size - 1)
         self.setup_bits_per_byte()
 
-        self.model_config = c.model_config()
-        self.model = build_model(self.model_config, device=self.device, seed=c.seed)
+        if imported is not None:
+            self.model_config = imported.model.config
+            self.model = imported.model.to(self.device, torch.float32)
+        else:
+            self.model_config = c.model_config()
+            self.model = build_model(self.model_config, device=self.device, seed=c.seed)
         self.model.train()
         self.optimizers = build_optimizers(self.model, c, self.device)
         if c.resume:
@@ -323,6 +329,18 @@ class Trainer:
 
     def bpb(self, mean_loss: float, tokens: int, total_bytes: int) -> float | None:
         return bpb_from_mean_loss(mean_loss, tokens, total_bytes) if total_bytes > 0 else None
+
+    def _imported_model(self) -> LoadedModel | None:
+        """With `init_from`: the imported model and its tokenizer (a resumed run reads its own latest
+        checkpoint instead, which holds the same architecture and tokenizer files)."""
+        c = self.config
+        if not c.init_from:
+            return None
+        imported = load(self.run_dir / LATEST_DIR if c.resume else c.init_from)
+        if c.context_length > imported.model.config.context_length:
+            raise ValueError(f"--context-length {c.context_length} is longer than the imported model's context "
+                             f"({imported.model.config.context_length})")
+        return imported
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -391,7 +409,8 @@ class Trainer:
     def metadata(self, val_loss: float | None) -> dict[str, Any]:
         c = self.config
         return {
-            "preset": c.preset if not c.model else None,
+            "preset": c.preset if not (c.model or c.init_from) else None,
+            "init_from": c.init_from,
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
             "val_loss": val_loss,
@@ -410,7 +429,7 @@ class Trainer:
             return folder
         tensors, scalars = self.state_files()
         with atomic_directory(folder) as tmp:
-            write_model_files(tmp, self.model, self.metadata(self.last_val_loss))
+            write_model_files(tmp, self.model, self.metadata(self.last_val_loss), self.tokenizer)
             save_file(tensors, str(tmp / STATE_TENSORS_FILE))
             write_json(tmp / STATE_JSON_FILE, scalars)
         if self.on_save is not None:
@@ -619,7 +638,7 @@ class Trainer:
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             if self.dist.is_main:
-                save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(val_loss))
+                save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(val_loss), self.tokenizer)
 
     def run(self) -> TrainResult:
         c = self.config

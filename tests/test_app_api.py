@@ -175,7 +175,7 @@ def test_bad_generation_settings_get_clear_errors(client, args, message):
 def test_nan_is_refused_with_a_message(app, client):
     """NaN cannot be sent by gradio_client (strict JSON), but a raw HTTP request can send it."""
     url = app["url"]
-    body = '{"data": ["hi", 10, NaN, 5, 0.9, 0]}'
+    body = '{"data": ["hi", 10, NaN, 5, 0.9, 0, false]}'  # the last: the chat template toggle
     event = httpx.post(f"{url}gradio_api/call/generate", content=body,
                        headers={"content-type": "application/json"}).json()["event_id"]
     answer = httpx.get(f"{url}gradio_api/call/generate/{event}", timeout=30).text

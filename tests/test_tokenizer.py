@@ -1,6 +1,6 @@
 import pytest
 
-from slm.tokenizer import EOT_ID, load_tokenizer
+from slm.tokenizer import EOT_ID, gpt2_tokenizer
 
 STORY = (
     "Once upon a time, a little girl named Lily found a shiny 🐚 on the beach. "
@@ -54,7 +54,7 @@ def test_a_damaged_ranks_file_is_refused(tmp_path):
     bad = tmp_path / "gpt2.tiktoken"
     bad.write_text("SGVsbG8= 0\n")
     with pytest.raises(ValueError, match="sha256"):
-        load_tokenizer(str(bad))
+        gpt2_tokenizer(str(bad))
 
 
 def test_documents_encode_to_each_text_then_end_of_text_in_parallel(tokenizer):

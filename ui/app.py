@@ -6,7 +6,6 @@ from typing import Any
 
 import gradio as gr
 
-from slm import load_tokenizer
 from slm.jobs import TrainingManager
 
 from .common import AppSettings
@@ -33,7 +32,6 @@ def launch_options() -> dict[str, Any]:
 
 def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> gr.Blocks:
     """The playground. `manager` is the server's one TrainingManager (made here when not given)."""
-    tokenizer = load_tokenizer()
     registry = ModelRegistry(settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(
@@ -42,11 +40,11 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
         picker = ModelPicker(registry)
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                build_generate_tab(picker, tokenizer)
+                build_generate_tab(picker)
             with gr.Tab("Step by step", id="step") as step_tab:
-                build_step_tab(picker, tokenizer, step_tab)
+                build_step_tab(picker, step_tab)
             with gr.Tab("Inspect", id="inspect"):
-                build_inspect_tab(picker, tokenizer)
+                build_inspect_tab(picker)
             with gr.Tab("Train", id="train"):
                 build_train_tab(picker, settings, manager)
         picker.wire()

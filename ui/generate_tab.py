@@ -48,16 +48,20 @@ def read_settings(max_new_tokens, temperature, top_k, top_p, seed, vocab_size: i
 
 
 def prepare_prompt(
-    tokenizer: Tokenizer, model: Gemma3LM, prompt: str, max_new_tokens: int
+    tokenizer: Tokenizer, model: Gemma3LM, prompt: str, max_new_tokens: int, chat: bool = False
 ) -> tuple[list[int], int, int]:
     """Prompt ids, the number of new tokens and the number of prompt tokens dropped, fitted into the context.
 
     Prompt and new tokens must fit into the context together. The prompt keeps up to half of it
     (its last tokens) and the new tokens get the rest, fewer than asked only when both do not fit.
-    An empty prompt starts a story from the end-of-text token.
+    An empty prompt starts a story from the end-of-text token. With `chat`, the prompt becomes a user
+    turn in the tokenizer's chat template (for instruction-tuned models).
     """
     context = model.config.context_length
-    ids = tokenizer.encode(prompt or "")
+    if chat and not tokenizer.chat_template:
+        raise gr.Error("This model's tokenizer has no chat template (it is a base model, not an instruction-tuned "
+                       "one): turn the chat template off.")
+    ids = tokenizer.encode_chat(prompt or "") if chat else tokenizer.encode(prompt or "")
     if not ids:
         gr.Warning("The prompt is empty: the model starts a story from scratch (from the end-of-text token).")
         ids = [tokenizer.eot_id]
@@ -65,7 +69,10 @@ def prepare_prompt(
     if max_new_tokens > room:
         gr.Warning(f"This model's context holds {context} tokens: generating {room} new tokens, not {max_new_tokens}.")
         max_new_tokens = room
+    bos = [ids[0]] if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
     ids, dropped = fit_to_length(ids, context - max_new_tokens)
+    if dropped and bos:  # a vocabulary with BOS was trained with it first: keep it in front
+        ids = bos + ids[1:]
     if dropped:
         gr.Warning(
             f"The prompt is longer than the room left in the {context}-token context: "
@@ -77,14 +84,15 @@ def prepare_prompt(
 def stream_text(
     model: Gemma3LM, tokenizer: Tokenizer, ids: list[int], settings: SamplingSettings, greedy: bool = False
 ) -> Iterator[tuple[str, int]]:
-    """(new text so far, tokens so far) after every token; stops at end-of-text."""
+    """(new text so far, tokens so far) after every token; stops at end-of-text (or end of turn)."""
     decoder = tokenizer.stream_decoder()
     text, count = "", 0
-    params = replace(settings.params, stop_ids=(tokenizer.eot_id,), **({"temperature": 0.0} if greedy else {}))
+    stops = tokenizer.stop_ids
+    params = replace(settings.params, stop_ids=tuple(stops), **({"temperature": 0.0} if greedy else {}))
     tokens = stream_generate(model, ids, settings.max_new_tokens, params)
     for token in tokens:
         count += 1
-        if token == tokenizer.eot_id:
+        if token in stops:
             break
         text += decoder.push(token)
         yield text, count
@@ -110,7 +118,7 @@ def sampling_controls(max_new_default: int = 120) -> tuple[gr.components.Compone
     return max_new, temperature, top_k, top_p, seed
 
 
-def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
+def build_generate_tab(picker: ModelPicker) -> None:
     registry = picker.registry
     with gr.Row():
         with gr.Column(scale=3):
@@ -124,6 +132,8 @@ def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
             stats = gr.Markdown(elem_id="generate-stats")
         with gr.Column(scale=1):
             controls = sampling_controls()
+            chat_box = gr.Checkbox(False, label="Chat template", elem_id="generate-chat",
+                                   info="instruction-tuned (-it) models: the prompt becomes a user turn")
     gr.Markdown("### Greedy beside sampled: the same prompt, the most likely token every time vs a draw")
     with gr.Row():
         greedy_out = gr.Textbox(lines=8, label="Greedy (temperature 0)", elem_id="greedy-output",
@@ -133,13 +143,15 @@ def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
 
     @gpu
     @user_errors
-    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model_key):
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, model_key):
         prompt = prompt or ""
-        model = registry.get(model_key)
+        lm = registry.get(model_key)
+        model, tokenizer = lm.model, lm.tokenizer
         settings = read_settings(max_new_tokens, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         if settings.greedy:
             gr.Info("Temperature 0: greedy decoding, the most likely token every time.")
-        ids, settings.max_new_tokens, dropped = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens)
+        ids, settings.max_new_tokens, dropped = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens,
+                                                               bool(chat))
         start = time.perf_counter()
         yield prompt, speed(0, 0.0, len(ids), dropped, False)
         for new_text, count in stream_text(model, tokenizer, ids, settings):
@@ -148,14 +160,15 @@ def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
 
     @gpu
     @user_errors
-    def compare(prompt, max_new_tokens, temperature, top_k, top_p, seed, model_key):
+    def compare(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, model_key):
         prompt = prompt or ""
-        model = registry.get(model_key)
+        lm = registry.get(model_key)
+        model, tokenizer = lm.model, lm.tokenizer
         settings = read_settings(max_new_tokens, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         if settings.greedy:
             gr.Warning("Temperature is 0, which is greedy too: the sampled side uses temperature 1.")
             settings.params = replace(settings.params, temperature=1.0)
-        ids, settings.max_new_tokens, _ = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens)
+        ids, settings.max_new_tokens, _ = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens, bool(chat))
         greedy_text = sampled_text = ""
         pairs = itertools.zip_longest(
             stream_text(model, tokenizer, ids, settings, greedy=True), stream_text(model, tokenizer, ids, settings)
@@ -165,7 +178,7 @@ def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
             sampled_text = sampled_step[0] if sampled_step else sampled_text
             yield prompt + greedy_text, prompt + sampled_text
 
-    inputs = [prompt_box, *controls, picker.state]
+    inputs = [prompt_box, *controls, chat_box, picker.state]
     event = run.click(generate, inputs, [output, stats], api_name="generate", concurrency_limit=4)
     prompt_box.submit(generate, inputs, [output, stats], api_visibility="private", concurrency_limit=4)
     stop.click(None, None, None, cancels=[event], api_visibility="private")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from slm import Tokenizer
 from slm.inspection import Inspection, depth_label, inspect_text, logit_lens
 from slm.plots import attention_grid, attention_heatmap, logit_lens_figure, next_token_bars, percent
 
@@ -48,7 +47,7 @@ def details(inspection: Inspection, key: str) -> dict:
     }
 
 
-def build_inspect_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
+def build_inspect_tab(picker: ModelPicker) -> None:
     registry = picker.registry
     with gr.Row():
         text_box = gr.Textbox(DEFAULT_TEXT, lines=3, label="Text", scale=5, elem_id="inspect-text")
@@ -83,10 +82,10 @@ def build_inspect_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
     def run_inspect(text, top_k, model_key):
         if not (text or "").strip():
             raise gr.Error("Enter some text to inspect.")
-        model = registry.get(model_key)
+        lm = registry.get(model_key)
         k = integer(top_k, "candidates shown", 1, 100)
-        limit = min(INSPECT_MAX_TOKENS, model.config.context_length)
-        inspection = inspect_text(model, tokenizer, text, top_k=k, max_tokens=limit)
+        limit = min(INSPECT_MAX_TOKENS, lm.model.config.context_length)
+        inspection = inspect_text(lm.model, lm.tokenizer, text, top_k=k, max_tokens=limit)
         if inspection.dropped_tokens:
             gr.Warning(f"The text is longer than {limit} tokens: its first {inspection.dropped_tokens} were dropped.")
         key = model_key or registry.default_key()
@@ -116,7 +115,8 @@ def build_inspect_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
         inspection: Inspection = session["inspection"]
         p = integer(position, "position", 0, len(inspection) - 1)
         view = inspection.next_tokens[p]
-        rows = logit_lens(registry.get(session["key"]), tokenizer, inspection, p)
+        lm = registry.get(session["key"])
+        rows = logit_lens(lm.model, lm.tokenizer, inspection, p)
         shown = inspection.tokens[p]
         info = (
             f"After **{shown!r}** (position {p}): entropy {view.entropy:.2f} nats, as uncertain as "

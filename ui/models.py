@@ -6,7 +6,6 @@ lives in its own `gr.State`, so two users can look at different models at the sa
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,16 +13,17 @@ from pathlib import Path
 
 import gradio as gr
 
-from slm import CheckpointError, Gemma3LM, build_model, count_parameters, list_checkpoints, load_model, preset
+from slm import CheckpointError, LoadedModel, build_model, count_parameters, list_checkpoints, load, preset
 from slm.checkpoint import WEIGHTS_FILE
 from slm.engine import warm_up_in_background
+from slm.hub import download, is_repo_id
 from slm.loading import CheckpointInfo, read_checkpoint_info
+from slm.tokenizer import gpt2_tokenizer, has_tokenizer_files
 
 from .common import AppSettings, PathNotAllowed, allowed_path, user_errors
 
 UNTRAINED = "untrained tiny model"
 HUB_FOLDER = "hub"  # downloads land in <checkpoints>/hub/<owner>--<name>, so they are checkpoints like any other
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 NO_CHECKPOINT_HELP = (
     "**No trained checkpoint in `{root}` yet.** The picker offers an *untrained* `tiny` model, so its text is "
@@ -64,7 +64,7 @@ class ModelRegistry:
         self.settings = settings
         self.root = settings.checkpoints_dir
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[tuple, Gemma3LM] = OrderedDict()
+        self._loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
 
     # ----- what exists --------------------------------------------------------------------------
@@ -107,8 +107,8 @@ class ModelRegistry:
             raise CheckpointError(f"There is no checkpoint at {key}. Press ↻ to refresh the list.")
         return folder
 
-    def get(self, key: str | None) -> Gemma3LM:
-        """The model for a picker value (None: the default), loaded once and shared."""
+    def get(self, key: str | None) -> LoadedModel:
+        """The model and its tokenizer for a picker value (None: the default), loaded once and shared."""
         key = key or self.default_key()
         if key == UNTRAINED:
             cache_key: tuple = (UNTRAINED,)
@@ -122,13 +122,14 @@ class ModelRegistry:
                 return self._loaded[cache_key]
             if key == UNTRAINED:
                 model = build_model(preset("tiny"), seed=0).to(self.settings.device, self.settings.dtype).eval()
+                loaded = LoadedModel(model, gpt2_tokenizer())
             else:
-                model = load_model(folder, device=self.settings.device, dtype=self.settings.dtype)
-            self._loaded[cache_key] = model
-            warm_up_in_background(model)  # compiles the decode step where that is the default (GPU, large CPU models)
+                loaded = load(folder, device=self.settings.device, dtype=self.settings.dtype)
+            self._loaded[cache_key] = loaded
+            warm_up_in_background(loaded.model)  # compiles the decode step where that is the default (GPU, large CPU)
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
-            return model
+            return loaded
 
     def describe(self, key: str | None) -> str:
         """Markdown for the chosen model: what it is, and a warning when it is untrained."""
@@ -144,6 +145,7 @@ class ModelRegistry:
         return (
             f"**{entry.key}** · preset `{info.preset or '-'}` · {_fmt_params(info.parameters)} parameters · "
             f"{config.num_layers} layers, width {config.hidden_size}, context {config.context_length} · "
+            f"{config.vocab_size:,}-token vocabulary ({tokenizer_name(info.path)}) · "
             f"step {info.step if info.step is not None else '-'} · "
             f"val loss {f'{info.val_loss:.3f}' if info.val_loss is not None else '-'} · "
             f"running on {self.settings.device.type} ({str(self.settings.dtype).removeprefix('torch.')})"
@@ -153,25 +155,16 @@ class ModelRegistry:
     def download_from_hub(self, repo_id: str) -> str:
         """Download a transformers Gemma 3 checkpoint into the checkpoint folder; return its picker value."""
         repo_id = (repo_id or "").strip()
-        if not REPO_ID.match(repo_id):
+        if not is_repo_id(repo_id):
             raise ValueError(f"{repo_id!r} is not a Hub repository id; it looks like 'owner/name'.")
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError as exc:  # pragma: no cover - gradio depends on huggingface_hub
-            raise ValueError("huggingface_hub is not installed, so nothing can be downloaded.") from exc
         target = self.root / HUB_FOLDER / repo_id.replace("/", "--")
-        try:
-            snapshot_download(
-                repo_id, local_dir=target, allow_patterns=["*.json", "*.safetensors"], etag_timeout=10,
-            )
-        except Exception as exc:  # offline, unknown repo, gated repo, ...: one clear message
-            raise ValueError(
-                f"Could not download {repo_id} from the Hugging Face Hub ({type(exc).__name__}). "
-                "The Hub may be unreachable from this machine (offline?), or the repository does not exist "
-                "or is private. Local checkpoints still work."
-            ) from exc
+        download(repo_id, target)  # config, safetensors and tokenizer files; a clear message when gated
         info = read_checkpoint_info(target)  # refuses a folder without safetensors weights
         return info.path.relative_to(self.root.resolve()).as_posix()
+
+
+def tokenizer_name(folder: Path) -> str:
+    return "its own tokenizer.json" if has_tokenizer_files(folder) else "GPT-2 tokenizer"
 
 
 def checkpoint_table(entries: list[ModelEntry]) -> list[dict]:

@@ -30,7 +30,7 @@ def new_story(tokenizer: Tokenizer, prompt: str) -> dict:
     return {"prompt": prompt, "ids": ids, "kinds": [None] * len(ids)}
 
 
-def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> None:
+def build_step_tab(picker: ModelPicker, tab: gr.Tab) -> None:
     registry = picker.registry
     gr.Markdown(
         "Build a text one token at a time. Left: the model's probabilities for the next token. Right: what the "
@@ -61,7 +61,8 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
 
     def view(story_state: dict, temperature, top_k, top_p, model_key):
         """Everything the tab shows for the current text and settings."""
-        model = registry.get(model_key)
+        lm = registry.get(model_key)
+        model, tokenizer = lm.model, lm.tokenizer
         settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
         logits = next_token_logits(model, story_state["ids"])
         params = settings.params
@@ -77,25 +78,29 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
                 f"{step_view.tokens_kept:,} tokens could be drawn next")
         return story_state, segments, sampling_bars(step_view), gr.Radio(choices=choices, value=None), text
 
+    def tokenizer_of(model_key):
+        return registry.get(model_key).tokenizer
+
     def append(story_state: dict, token_id: int, kind: str) -> dict:
         return {**story_state, "ids": [*story_state["ids"], token_id], "kinds": [*story_state["kinds"], kind]}
 
     @gpu
     @user_errors
     def restart(prompt, temperature, top_k, top_p, model_key):
-        return view(new_story(tokenizer, prompt), temperature, top_k, top_p, model_key)
+        return view(new_story(tokenizer_of(model_key), prompt), temperature, top_k, top_p, model_key)
 
     @gpu
     @user_errors
     def refresh(prompt, temperature, top_k, top_p, story_state, model_key):
-        return view(story_state or new_story(tokenizer, prompt), temperature, top_k, top_p, model_key)
+        return view(story_state or new_story(tokenizer_of(model_key), prompt), temperature, top_k, top_p, model_key)
 
     @gpu
     @user_errors
     def sample_one(prompt, temperature, top_k, top_p, seed, story_state, model_key):
+        lm = registry.get(model_key)
+        model, tokenizer = lm.model, lm.tokenizer
         story_state = story_state or new_story(tokenizer, prompt)
         settings = read_settings(1, temperature, top_k, top_p, seed, tokenizer.vocab_size)
-        model = registry.get(model_key)
         seed = settings.params.seed  # reproducible: the same seed and text give the same draw
         generator = None if seed is None else make_generator(seed * 1_000_003 + len(story_state["ids"]), model.device)
         logits = next_token_logits(model, story_state["ids"])[None]
@@ -109,6 +114,7 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
     def pick_one(prompt, temperature, top_k, top_p, chosen, story_state, model_key):
         if chosen is None or chosen == "":
             raise gr.Error("Choose one of the candidate tokens first.")
+        tokenizer = tokenizer_of(model_key)
         token = integer(chosen, "token id", 0, tokenizer.vocab_size - 1)
         story_state = story_state or new_story(tokenizer, prompt)
         return view(append(story_state, token, CHOSEN), temperature, top_k, top_p, model_key)
@@ -116,7 +122,7 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
     @gpu
     @user_errors
     def undo_one(prompt, temperature, top_k, top_p, story_state, model_key):
-        story_state = story_state or new_story(tokenizer, prompt)
+        story_state = story_state or new_story(tokenizer_of(model_key), prompt)
         if story_state["kinds"] and story_state["kinds"][-1] is not None:
             story_state = {**story_state, "ids": story_state["ids"][:-1], "kinds": story_state["kinds"][:-1]}
         return view(story_state, temperature, top_k, top_p, model_key)

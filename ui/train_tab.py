@@ -17,6 +17,7 @@ import gradio as gr
 
 from slm import PRESETS
 from slm.data import DEFAULT_DATASET
+from slm.hub import is_repo_id
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.plots import loss_figure
 from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
@@ -138,6 +139,9 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     with gr.Row():
         with gr.Column():
             preset_box = gr.Dropdown(list(PRESETS), value="tiny", label="Model preset")
+            init_from_box = gr.Textbox(label="…or continue training a model (checkpoint folder or Hub repo id)",
+                                       placeholder="hub/google--gemma-3-270m", elem_id="train-init-from",
+                                       info="keeps its own tokenizer and vocabulary; empty = a fresh preset")
             source = gr.Radio([HUB_SOURCE, FILE_SOURCE], value=HUB_SOURCE, label="Training text")
             stories = gr.Number(20_000, precision=0, minimum=0, label="Stories to use (0 = all)",
                                 elem_id="train-stories")
@@ -188,8 +192,21 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
             raise gr.Error(f"{data_file_} is not a file in the data folder {data_dir}.")
         return str(path)
 
+    def imported_folder(init_from: str | None) -> Path | None:
+        """The model to continue from: a folder under the checkpoint folder, or a Hub repo downloaded there."""
+        init_from = (init_from or "").strip()
+        if not init_from:
+            return None
+        if not (checkpoints_dir / init_from).exists() and is_repo_id(init_from):
+            init_from = registry.download_from_hub(init_from)
+        folder = registry.checkpoint_folder(init_from)
+        registry.get(str(folder))  # refuses a model without its tokenizer, before a job starts
+        return folder
+
     @user_errors
-    def start_training(preset, source, stories, data_file, steps, batch_size, lr, context_length, minutes=0):
+    def start_training(
+        preset, source, stories, data_file, steps, batch_size, lr, context_length, minutes=0, init_from=None
+    ):
         data = data_source(source, data_file)
         max_steps = integer(steps if steps is not None else 0, "steps", 0, 10_000_000)
         max_time = number(minutes if minutes is not None else 0, "minutes", 0, 7 * 24 * 60) * 60
@@ -198,6 +215,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         batch_size = integer(batch_size if batch_size is not None else 0, "batch size", 0, 4096)
         if preset not in PRESETS:
             raise gr.Error(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        init_folder = imported_folder(init_from)
+        run_name = init_folder.name if init_folder else preset
         context_length = integer(context_length if context_length is not None else 0, "context length", 0)
         max_stories = integer(stories if stories is not None else 0, "stories", 0)
         config = TrainConfig(
@@ -205,7 +224,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
             max_steps=max_steps or None, max_time=max_time or None, batch_size=batch_size or None,
             lr=number(lr, "learning rate", 1e-7, 1.0),
             context_length=context_length or None,
-            out=str(checkpoints_dir / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"),
+            init_from=str(init_folder) if init_folder else None,
+            out=str(checkpoints_dir / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"),
         )
         try:
             run_dir = manager.start(config)
@@ -267,7 +287,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         gr.Info(f"Saved as {relative} in the data folder.")
         return relative, FILE_SOURCE
 
-    train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context, minutes]
+    train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context, minutes, init_from_box]
     start.click(start_training, train_inputs, message, api_name="start_training")
     stop.click(stop_training, None, message, api_name="stop_training")
     resume.click(resume_training, [run_box, steps], message, api_name="resume_training")
