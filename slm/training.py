@@ -35,13 +35,24 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_directory, read_json, read_safetensors, save_checkpoint, write_json, write_model_files
+from .checkpoint import (
+    TRAINING_STATE_FORMAT,
+    CheckpointError,
+    atomic_directory,
+    read_safetensors,
+    read_training_state,
+    recover_directory,
+    save_checkpoint,
+    write_json,
+    write_model_files,
+)
 from .config import count_parameters
 from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
 from .flops import device_peak_flops, mfu, training_flops_per_token
 from .model import Gemma3LM, build_model
 from .optim import build_optimizers, lr_at, optimizer_state_from_files, optimizer_state_to_files, set_lr
+from .paths import open_append_nofollow
 from .sampling import generate
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
@@ -52,7 +63,7 @@ LATEST_DIR = "latest"
 BEST_DIR = "best"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = TRAINING_STATE_FORMAT
 SAMPLE_PROMPT = "Once upon a time"
 
 
@@ -181,6 +192,7 @@ class Trainer:
         self.bar: Any = None
         self.folder_ready = False
         self.best_val_loss: float | None = None
+        self.best_pending = False  # the last evaluation improved on the best; best/ is saved after latest/
         self.last_val_loss: float | None = None
         self.last_train_loss: float | None = None
         self.interval_loss = torch.zeros((), device=self.device)
@@ -215,6 +227,7 @@ class Trainer:
     def prepare_run_folder(self) -> None:
         c = self.config
         latest = self.run_dir / LATEST_DIR
+        recover_directory(latest)  # a save that a crash interrupted is finished or rolled back first
         if c.resume:
             if not (latest / STATE_JSON_FILE).is_file():
                 raise FileNotFoundError(
@@ -228,13 +241,13 @@ class Trainer:
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         c.save(self.run_dir / RUN_CONFIG_FILE)
         if c.resume:
-            _truncate_metrics(self.metrics_path, read_json(latest / STATE_JSON_FILE)["step"])
+            _truncate_metrics(self.metrics_path, self._saved_step())
         self.folder_ready = True
         self.emit({"kind": "preparing", "step": self._saved_step(), "time": time.time()})
 
     def _saved_step(self) -> int:
         path = self.run_dir / LATEST_DIR / STATE_JSON_FILE
-        return int(read_json(path)["step"]) if self.config.resume and path.is_file() else 0
+        return read_training_state(path)["step"] if self.config.resume and path.is_file() else 0
 
     def build(self) -> None:
         c = self.config
@@ -307,9 +320,18 @@ class Trainer:
 
     def load_state(self) -> None:
         folder = self.run_dir / LATEST_DIR
-        scalars = read_json(folder / STATE_JSON_FILE)
-        if scalars.get("format") != STATE_FORMAT:
-            raise ValueError(f"{folder / STATE_JSON_FILE} has an unknown format {scalars.get('format')!r}")
+        scalars = read_training_state(folder / STATE_JSON_FILE)
+        try:
+            self._load_state(folder, scalars)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"the training state in {folder} does not fit this run ({type(exc).__name__}: {exc}); "
+                f"it cannot be resumed. Its weights still load for generation; start a new run to keep training."
+            ) from None
+
+    def _load_state(self, folder: Path, scalars: dict[str, Any]) -> None:
         if scalars["optimizer"] != self.config.optimizer:
             raise ValueError(f"the run was trained with {scalars['optimizer']}; it cannot resume with "
                              f"{self.config.optimizer}")
@@ -364,7 +386,7 @@ class Trainer:
     def emit(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with open(self.metrics_path, "a") as f:
+        with open_append_nofollow(self.metrics_path) as f:
             f.write(json.dumps(record) + "\n")
         if self.on_metrics is not None:
             self.on_metrics(record)
@@ -486,8 +508,12 @@ class Trainer:
                        "prompt": SAMPLE_PROMPT, "text": self.sample(), "time": time.time()})
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
-            if self.dist.is_main:
-                save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(val_loss))
+            self.best_pending = True  # written right after the next save of latest/: best never runs ahead of it
+
+    def save_best_if_pending(self) -> None:
+        if self.best_pending and self.dist.is_main and self.last_val_loss is not None:
+            save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(self.last_val_loss))
+        self.best_pending = False
 
     def run(self) -> TrainResult:
         c = self.config
@@ -527,14 +553,16 @@ class Trainer:
                 evaluate = self.step % c.eval_every == 0 or final
                 if self.step % c.log_every == 0 or self.step == 1 or evaluate:
                     self.log(grad_norm, evaluate)
-                if self.step % c.save_every == 0 and not final:
+                if (self.step % c.save_every == 0 or self.best_pending) and not final:
                     self.save_latest()
+                    self.save_best_if_pending()
                 if self.interval_steps == 0:  # a record was just written: time the next interval from here
                     self.interval_start = time.perf_counter()
         finally:
             if self.bar is not None:
                 self.bar.close()
         checkpoint = self.save_latest()
+        self.save_best_if_pending()
         reason = "stopped" if stopped else "finished"
         self.emit({"kind": "end", "reason": reason, "step": self.step, "tokens": self.step * self.tokens_per_step,
                    "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "time": time.time()})
@@ -593,6 +621,6 @@ def error_message(exc: BaseException) -> str:
     """One line for a user: the message alone for errors we raise on purpose, with the type otherwise."""
     from .data import DataError
 
-    if isinstance(exc, (DataError, FileNotFoundError, FileExistsError, ValueError)):
+    if isinstance(exc, (DataError, FileNotFoundError, FileExistsError, ValueError, CheckpointError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"

@@ -12,7 +12,7 @@ from slm.jobs import TrainingManager
 from .common import AppSettings
 from .generate_tab import build_generate_tab
 from .inspect_tab import build_inspect_tab
-from .models import ModelPicker, ModelRegistry
+from .models import ModelPicker, ModelRegistry, usable_key
 from .step_tab import build_step_tab
 from .train_tab import build_train_tab
 
@@ -53,7 +53,7 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
 
         def start_session():
             entries = registry.entries()
-            key = entries[0].key
+            key = usable_key(entries)
             return key, gr.Dropdown(choices=[(e.label, e.key) for e in entries], value=key), registry.describe(key)
 
         demo.load(start_session, None, [picker.state, picker.dropdown, picker.description], api_visibility="private")
