@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import recover_directory
+from .checkpoint import CheckpointError, recover_directory
 from .paths import open_append_nofollow, write_text_nofollow
 from .train_config import RUN_CONFIG_FILE, TrainConfig, check_run_paths, load_run_config, resume_config
 from .training import METRICS_FILE
@@ -146,8 +146,9 @@ class TrainingManager:
     def __init__(self, runs_root: Path, python: str | None = None, allowed_roots: list[Path] | None = None) -> None:
         self.runs_root = Path(runs_root)
         self.python = python or sys.executable
-        # where a job may read data and write anything: the runs folder, plus what `allow` adds (the data folder)
-        self.allowed_roots = [self.runs_root.resolve(), *(Path(r).resolve() for r in allowed_roots or [])]
+        # Where a job may read data and write anything: None (a library user, like train.py: anywhere), or the
+        # runs folder plus the folders given here or to `allow` (the app: its data folder).
+        self.allowed_roots: list[Path] | None = None
         self._lock = threading.RLock()
         self._process: subprocess.Popen | None = None
         self._pid: int | None = None
@@ -156,11 +157,15 @@ class TrainingManager:
         self._stop_requested = False
         self._tail: MetricsTail | None = None
         self._planned_steps = 0
+        if allowed_roots is not None:
+            self.allow(allowed_roots)
         self._adopt_running_job()
 
     def allow(self, roots: list[Path]) -> None:
         """Let jobs also read and write under `roots` (the app's data folder)."""
         with self._lock:
+            if self.allowed_roots is None:
+                self.allowed_roots = [self.runs_root.resolve()]
             for root in roots:
                 resolved = Path(root).resolve()
                 if resolved not in self.allowed_roots:
@@ -173,7 +178,8 @@ class TrainingManager:
             self._refuse_if_busy()
             run_dir = self._new_run_dir(config)
             config = TrainConfig.from_dict({**config.to_dict(), "out": str(run_dir), "resume": False})
-            check_run_paths(config, run_dir, self.allowed_roots)
+            if self.allowed_roots is not None:
+                check_run_paths(config, run_dir, self.allowed_roots)
             run_dir.mkdir(parents=True, exist_ok=False)
             config.save(run_dir / RUN_CONFIG_FILE)
             self._launch(run_dir, config)
@@ -185,7 +191,8 @@ class TrainingManager:
             self._refuse_if_busy()
             run_dir = Path(run_dir).resolve()
             config = resume_config(run_dir, max_steps=max_steps)
-            check_run_paths(config, run_dir, self.allowed_roots)
+            if self.allowed_roots is not None:
+                check_run_paths(config, run_dir, self.allowed_roots)
             recover_directory(run_dir / "latest")
             if not (run_dir / "latest" / "training_state.json").is_file():
                 raise FileNotFoundError(f"nothing to resume in {run_dir}: it has no saved training state")
@@ -220,7 +227,7 @@ class TrainingManager:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         command = [self.python, "-m", "slm.jobs", str(run_dir)]
-        for root in self.allowed_roots:
+        for root in self.allowed_roots or []:
             command += ["--allow", str(root)]
         self._launched_at = time.time()
         with open_append_nofollow(run_dir / LOG_FILE, binary=True) as log:
@@ -243,6 +250,8 @@ class TrainingManager:
         if not self.runs_root.is_dir():
             return
         for job_file in sorted(self.runs_root.glob(f"*/{JOB_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if job_file.is_symlink():  # the app writes job.json itself, as a real file
+                continue
             try:
                 job = json.loads(job_file.read_text())
                 pid, launched_at = int(job["pid"]), float(job["launched_at"])
@@ -368,11 +377,22 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir.resolve()
     try:  # run.json is input like any file on disk: it may not lead the job outside its folders
         config = load_run_config(run_dir)
-        check_run_paths(config, run_dir, args.allow or [run_dir.parent])
+        if args.allow:
+            check_run_paths(config, run_dir, args.allow)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = train(config, progress=False, on_save=lambda folder: write_run_loss_plot(folder, read_metrics(folder)))
+    def draw_loss_plot(folder: Path) -> None:
+        plot = folder / "loss.png"
+        if plot.is_symlink():  # the job writes only real files of its own
+            plot.unlink()
+        write_run_loss_plot(folder, read_metrics(folder))
+
+    try:
+        result = train(config, progress=False, on_save=draw_loss_plot)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:  # said in metrics.jsonl too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import MAX_SIZES, PRESETS, ModelConfig, preset
+from .config import PRESETS, ModelConfig, preset
 from .data import DEFAULT_DATASET, DataSpec, local_files
 from .paths import PathNotAllowed, inside, write_text_nofollow
 
@@ -20,14 +20,15 @@ RUN_CONFIG_FILE = "run.json"
 DEFAULT_MAX_STEPS = 2000
 OPTIMIZERS = ("adamw", "muon")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_TRAIN_CONTEXT = 32_768  # Gemma 3 270M's own context; trained sequences longer than this are refused
 # Upper bounds on what a flag, the Train tab or a run.json may ask for: far above real runs, far below
 # what would exhaust a machine before a clear message could be given.
 MAX_VALUES = {
-    "context_length": MAX_SIZES["context_length"], "batch_size": 65_536, "grad_accum": 65_536,
+    "context_length": MAX_TRAIN_CONTEXT, "batch_size": 65_536, "grad_accum": 65_536,
     "max_steps": 1_000_000_000, "max_tokens": 10**15, "eval_batches": 100_000, "max_stories": 10**10,
     "log_every": 1_000_000_000, "eval_every": 1_000_000_000, "save_every": 1_000_000_000,
 }
-MAX_TOKENS_PER_MICRO_STEP = 2**24  # batch_size x context_length: 16M tokens (32 x 1024 is a usual GPU batch)
+MAX_TOKENS_PER_MICRO_STEP = 2**20  # batch_size x context_length: 1M tokens (32 x 1024 is a usual GPU batch)
 
 
 @dataclass

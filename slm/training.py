@@ -52,7 +52,7 @@ from .devices import Distributed, autocast_dtype, describe_device, distributed_f
 from .flops import device_peak_flops, mfu, training_flops_per_token
 from .model import Gemma3LM, build_model
 from .optim import build_optimizers, lr_at, optimizer_state_from_files, optimizer_state_to_files, set_lr
-from .paths import open_append_nofollow
+from .paths import open_append_nofollow, write_text_nofollow
 from .sampling import generate
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
@@ -95,12 +95,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after `step` (by a run that crashed after its last save)."""
+    if path.is_symlink():  # not a file this run wrote: never read or write through it
+        path.unlink()
+        return
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_nofollow(path, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> float:

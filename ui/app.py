@@ -35,7 +35,8 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
     """The playground. `manager` is the server's one TrainingManager (made here when not given)."""
     tokenizer = load_tokenizer()
     registry = ModelRegistry(settings)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # uploads wait in Gradio's temporary cache: files older than an hour are removed, checked every hour
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# {TITLE}\nA Gemma 3-style small language model, built from scratch: generate, look inside, train."
         )

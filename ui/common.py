@@ -44,6 +44,8 @@ class AppSettings:
 def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA when present (bf16 where the GPU supports it, else fp32); otherwise the CPU in fp32."""
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("no CUDA GPU is available on this machine")
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return device, torch.bfloat16
     return device, torch.float32
