@@ -15,8 +15,6 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from slm.limits import DEFAULT_MAX_UPLOAD_MB
-from ui import build_app, launch_options
-from ui.common import AppSettings, pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,16 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.max_upload_mb > 0:
         print(f"error: --max-upload-mb must be above 0, got {args.max_upload_mb:g}", file=sys.stderr)
         return 2
+    if not port_free(args.host, args.port):
+        print(f"error: port {args.port} on {args.host} is already in use (another playground?); "
+              f"choose another with --port {args.port + 1}", file=sys.stderr)
+        return 2
+    from ui import build_app, launch_options  # gradio: imported once the arguments are known to be usable
+    from ui.common import AppSettings, pick_device
+
     try:
         device, dtype = pick_device(args.device)
     except (RuntimeError, ValueError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else "not a device name"
         print(f"error: --device {args.device!r} is not usable here ({reason}); use cpu, cuda or cuda:N",
               file=sys.stderr)
-        return 2
-    if not port_free(args.host, args.port):
-        print(f"error: port {args.port} on {args.host} is already in use (another playground?); "
-              f"choose another with --port {args.port + 1}", file=sys.stderr)
         return 2
     settings = AppSettings(args.checkpoints.resolve(), args.data_dir.resolve(), device, dtype,
                            max_upload_mb=args.max_upload_mb)

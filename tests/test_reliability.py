@@ -309,7 +309,7 @@ def test_a_kill_between_the_renames_of_a_save_loses_nothing(tmp_path):
     config_file = tmp_path / "config.json"
     config.save(config_file)
     killed = subprocess.run([PYTHON, "-c", KILL_BETWEEN_RENAMES, str(config_file)], capture_output=True, text=True,
-                            env=subprocess_env(), cwd=REPO, timeout=180)
+                            env=subprocess_env(), cwd=REPO, timeout=600)
     assert killed.returncode == -9, killed.stderr  # SIGKILL, at the second save of latest/
     assert not (run / "latest").exists()
     assert any(p.name.startswith(".latest.") for p in run.iterdir())
@@ -317,7 +317,7 @@ def test_a_kill_between_the_renames_of_a_save_loses_nothing(tmp_path):
     assert [info.path.name for info in scan_checkpoints(run)[0] if info.path.name == "latest"] == ["latest"]
     assert json.loads((run / "latest" / "metadata.json").read_text())["step"] == 4
     result = subprocess.run([PYTHON, TRAIN, "--resume", str(run), "--quiet"], capture_output=True, text=True,
-                            env=subprocess_env(), cwd=REPO, timeout=180)
+                            env=subprocess_env(), cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "finished at step 6/6" in result.stdout
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
@@ -348,7 +348,7 @@ def small_flags(tmp_path: Path) -> list[str]:
 
 def run_cli(*args: str, script: str = TRAIN) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, script, *args], capture_output=True, text=True, env=subprocess_env(), cwd=REPO,
-                          timeout=180)
+                          timeout=600)
 
 
 @pytest.fixture(scope="module")
