@@ -415,7 +415,7 @@ def test_app_on_a_port_in_use_says_use_port(tmp_path):
 
 def test_app_with_a_bogus_device_says_so(tmp_path):
     result = run_cli("--checkpoints", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d"), "--device", "bogus",
-                     script=str(REPO / "app.py"))
+                     "--port", str(free_port()), script=str(REPO / "app.py"))
     assert result.returncode == 2 and "--device 'bogus' is not usable" in result.stderr
     assert "Traceback" not in result.stderr
 
