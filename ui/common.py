@@ -20,6 +20,7 @@ import gradio as gr
 import torch
 
 from slm import CheckpointError
+from slm.devices import native_bf16
 from slm.limits import DEFAULT_MAX_UPLOAD_MB, fit_prompt
 from slm.paths import PathNotAllowed, inside
 
@@ -46,7 +47,7 @@ def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA GPU is available on this machine")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if native_bf16(device):  # not emulated bf16 (T4, V100): slower than fp32 there
         return device, torch.bfloat16
     return device, torch.float32
 
