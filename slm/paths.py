@@ -38,7 +38,7 @@ def inside(path: str | Path, roots: Iterable[str | Path], base: str | Path | Non
         if resolved == root or resolved.is_relative_to(root):
             return resolved
     names = " or ".join(str(r) for r in resolved_roots)
-    raise PathNotAllowed(f"{path} is outside the folders this app may use ({names}); it was not opened.")
+    raise PathNotAllowed(f"{path} is outside the folders this app may read or write ({names}); it was not opened.")
 
 
 def is_inside(path: str | Path, roots: Iterable[str | Path]) -> bool:
