@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from slm.train_config import TrainConfig, resume_config
+    from slm.train_config import TrainConfig, read_run_record, resume_config
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "quiet")}
     if args.resume is None:
@@ -107,7 +107,9 @@ def build_config(args: argparse.Namespace) -> Any:
     run_dir = args.out if args.resume is True else args.resume
     if run_dir is None:
         raise ValueError("--resume needs the run folder: --resume RUN (or --resume --out RUN)")
-    changed = sorted(set(given) - set(RESUMABLE_OVERRIDES) - {"out"})
+    recorded = read_run_record(run_dir)
+    changed = sorted(name for name in set(given) - set(RESUMABLE_OVERRIDES) - {"out"}
+                     if given[name] != recorded.get(name))  # the run's own value, repeated, is no change
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise ValueError(f"{flags} cannot change when resuming (the run would no longer be the same run); "
@@ -150,6 +152,15 @@ def summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def plain_error(exc: BaseException) -> str:
+    """One line for an error torch raises, saying what to do when it is about memory."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "allocate" in text.lower():
+        return (f"not enough memory for this run ({text[:200]}); use a smaller --batch-size, --context-length "
+                "or --preset")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from slm.checkpoint import CheckpointError
@@ -169,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\naborted without saving; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # an allocator or device failure: one line, not a traceback
+        print(f"error: {plain_error(exc)}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
         print(summary(result))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,22 @@ GLOBAL = "full_attention"
 LAYER_TYPES = (SLIDING, GLOBAL)
 
 GPT2_VOCAB_SIZE = 50257
+
+# Upper bounds on what a config (a preset, a flag or a config.json from disk) may ask for. They are
+# far above anything this project trains (Gemma 3 270M: 18 layers, width 640, 262k vocabulary,
+# 32k context) and far below what would exhaust a machine before a clear message could be given.
+MAX_SIZES = {
+    "vocab_size": 1_048_576,
+    "context_length": 131_072,
+    "hidden_size": 16_384,
+    "num_layers": 512,
+    "num_heads": 512,
+    "num_kv_heads": 512,
+    "head_dim": 1024,
+    "intermediate_size": 131_072,
+    "sliding_window": 131_072,
+}
+MAX_PARAMETERS = 20_000_000_000
 
 
 def layer_types_from_pattern(num_layers: int, pattern: int) -> list[str]:
@@ -50,21 +67,36 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        self._validate_sizes()  # before anything is derived from them (a list of num_layers entries)
         if not self.layer_types:
             self.layer_types = layer_types_from_pattern(self.num_layers, self.sliding_window_pattern)
         self.layer_types = list(self.layer_types)
         self.validate()
 
-    def validate(self) -> None:
-        """Reject configurations that cannot build a working model, with a message saying why."""
-        positive = (
-            "vocab_size", "context_length", "hidden_size", "num_layers", "num_heads",
-            "num_kv_heads", "head_dim", "intermediate_size", "sliding_window",
-        )
-        for name in positive:
+    def _validate_sizes(self) -> None:
+        for name, maximum in MAX_SIZES.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            if value > maximum:
+                raise ValueError(f"ModelConfig.{name} is {value:,}; this project allows at most {maximum:,}")
+        if not isinstance(self.sliding_window_pattern, int) or isinstance(self.sliding_window_pattern, bool):
+            raise ValueError(f"sliding_window_pattern must be an integer, got {self.sliding_window_pattern!r}")
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ValueError(f"layer_types must be a list, got {type(self.layer_types).__name__}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("rope_local_base", "rope_global_base", "rms_norm_eps", "query_pre_attn_scalar", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{name} must be a finite number, got {value!r}")
+
+    def validate(self) -> None:
+        """Reject configurations that cannot build a working model, with a message saying why."""
+        self._validate_sizes()
+        total = count_parameters(self).total
+        if total > MAX_PARAMETERS:
+            raise ValueError(f"this config has {total:,} parameters; this project allows at most {MAX_PARAMETERS:,}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .train_config import RUN_CONFIG_FILE, TrainConfig, resume_config
+from .checkpoint import CheckpointError, recover_directory
+from .paths import open_append_nofollow, write_text_nofollow
+from .train_config import RUN_CONFIG_FILE, TrainConfig, check_run_paths, load_run_config, resume_config
 from .training import METRICS_FILE
 
 JOB_FILE = "job.json"
@@ -145,9 +147,12 @@ class TrainingManager:
     Thread-safe: a Gradio server calls it from many request threads.
     """
 
-    def __init__(self, runs_root: Path, python: str | None = None) -> None:
+    def __init__(self, runs_root: Path, python: str | None = None, allowed_roots: list[Path] | None = None) -> None:
         self.runs_root = Path(runs_root)
         self.python = python or sys.executable
+        # Where a job may read data and write anything: None (a library user, like train.py: anywhere), or the
+        # runs folder plus the folders given here or to `allow` (the app: its data folder).
+        self.allowed_roots: list[Path] | None = None
         self._lock = threading.RLock()
         self._process: subprocess.Popen | None = None
         self._pid: int | None = None
@@ -156,7 +161,19 @@ class TrainingManager:
         self._stop_requested = False
         self._tail: MetricsTail | None = None
         self._planned_steps = 0
+        if allowed_roots is not None:
+            self.allow(allowed_roots)
         self._adopt_running_job()
+
+    def allow(self, roots: list[Path]) -> None:
+        """Let jobs also read and write under `roots` (the app's data folder)."""
+        with self._lock:
+            if self.allowed_roots is None:
+                self.allowed_roots = [self.runs_root.resolve()]
+            for root in roots:
+                resolved = Path(root).resolve()
+                if resolved not in self.allowed_roots:
+                    self.allowed_roots.append(resolved)
 
     # ----- launching -----
     def start(self, config: TrainConfig) -> Path:
@@ -165,6 +182,8 @@ class TrainingManager:
             self._refuse_if_busy()
             run_dir = self._new_run_dir(config)
             config = TrainConfig.from_dict({**config.to_dict(), "out": str(run_dir), "resume": False})
+            if self.allowed_roots is not None:
+                check_run_paths(config, run_dir, self.allowed_roots)
             run_dir.mkdir(parents=True, exist_ok=False)
             config.save(run_dir / RUN_CONFIG_FILE)
             self._launch(run_dir, config)
@@ -176,6 +195,9 @@ class TrainingManager:
             self._refuse_if_busy()
             run_dir = Path(run_dir).resolve()
             config = resume_config(run_dir, max_steps=max_steps)
+            if self.allowed_roots is not None:
+                check_run_paths(config, run_dir, self.allowed_roots)
+            recover_directory(run_dir / "latest")
             if not (run_dir / "latest" / "training_state.json").is_file():
                 raise FileNotFoundError(f"nothing to resume in {run_dir}: it has no saved training state")
             config.save(run_dir / RUN_CONFIG_FILE)
@@ -209,8 +231,10 @@ class TrainingManager:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         command = [self.python, "-m", "slm.jobs", str(run_dir)]
+        for root in self.allowed_roots or []:
+            command += ["--allow", str(root)]
         self._launched_at = time.time()
-        with open(run_dir / LOG_FILE, "ab") as log:
+        with open_append_nofollow(run_dir / LOG_FILE, binary=True) as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
@@ -223,13 +247,15 @@ class TrainingManager:
         self._tail = MetricsTail(run_dir / METRICS_FILE)
         self._planned_steps = config.max_steps or 0
         job = {"pid": self._pid, "launched_at": self._launched_at, "command": command}
-        (run_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
+        write_text_nofollow(run_dir / JOB_FILE, json.dumps(job, indent=2) + "\n")
 
     def _adopt_running_job(self) -> None:
         """Re-attach to a worker that a previous manager (an earlier server process) started."""
         if not self.runs_root.is_dir():
             return
         for job_file in sorted(self.runs_root.glob(f"*/{JOB_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if job_file.is_symlink():  # the app writes job.json itself, as a real file
+                continue
             try:
                 job = json.loads(job_file.read_text())
                 pid, launched_at = int(job["pid"]), float(job["launched_at"])
@@ -342,16 +368,35 @@ class TrainingManager:
 
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point: train the config in RUN_DIR/run.json (resuming when it says so)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m slm.jobs RUN_DIR", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m slm.jobs")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--allow", action="append", type=Path, default=[],
+                        help="a folder the job may read data from and write into (repeatable)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from .plots import write_run_loss_plot
     from .training import read_metrics, train
 
-    run_dir = Path(args[0])
-    config = TrainConfig.load(run_dir / RUN_CONFIG_FILE)
-    result = train(config, progress=False, on_save=lambda folder: write_run_loss_plot(folder, read_metrics(folder)))
+    run_dir = args.run_dir.resolve()
+    try:  # run.json is input like any file on disk: it may not lead the job outside its folders
+        config = load_run_config(run_dir)
+        if args.allow:
+            check_run_paths(config, run_dir, args.allow)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    def draw_loss_plot(folder: Path) -> None:
+        plot = folder / "loss.png"
+        if plot.is_symlink():  # the job writes only real files of its own
+            plot.unlink()
+        write_run_loss_plot(folder, read_metrics(folder))
+
+    try:
+        result = train(config, progress=False, on_save=draw_loss_plot)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:  # said in metrics.jsonl too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 

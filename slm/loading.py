@@ -6,6 +6,8 @@ refusing a pair that does not fit; `load_model(path)` gives the model alone.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from .checkpoint import (
     read_config,
     read_json,
     read_metadata,
+    recover_directory,
+    refuse_links_out,
     refuse_pickle,
 )
 from .config import ModelConfig, count_parameters
@@ -33,7 +37,9 @@ def _folder(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     refuse_pickle(path)
-    return path.parent if path.is_file() else path
+    folder = path.parent if path.is_file() else path
+    refuse_links_out(folder)
+    return folder
 
 
 def load_model(
@@ -42,7 +48,10 @@ def load_model(
     """A model in eval mode from our checkpoint folder or a transformers Gemma 3 text folder."""
     folder = _folder(path)
     if is_hf_config(read_json(folder / CONFIG_FILE)):
-        return load_hf_model(folder, device=device, dtype=dtype)
+        try:
+            return load_hf_model(folder, device=device, dtype=dtype)
+        except (KeyError, TypeError, OverflowError) as exc:
+            raise CheckpointError(f"{folder} is not a valid Gemma 3 checkpoint: {type(exc).__name__}: {exc}") from exc
     return load_checkpoint(folder, device=device, dtype=dtype)
 
 
@@ -138,7 +147,10 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     folder = _folder(path)
     data = read_json(folder / CONFIG_FILE)
     if is_hf_config(data):
-        config, fmt = config_from_hf(data), "transformers"
+        try:
+            config, fmt = config_from_hf(data), "transformers"
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise CheckpointError(f"{folder / CONFIG_FILE} is not a valid Gemma 3 config: {exc}") from exc
         has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     else:
         config, fmt = read_config(folder), "slm"
@@ -148,19 +160,60 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(folder, config, count_parameters(config).total, fmt, read_metadata(folder))
 
 
-def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
-    """Every loadable checkpoint folder under `root` (any depth), newest first; damaged ones are skipped."""
+@dataclass
+class UnreadableCheckpoint:
+    """A folder that looks like a checkpoint (it has a config.json) but cannot be used, and why."""
+
+    path: Path
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _candidate_folders(root: Path) -> list[Path]:
+    """Folders under `root` holding a config.json; hidden folders (a save's staging copies) and symlinked
+    folders are not entered. Interrupted saves met on the way are finished or rolled back first."""
+    folders = []
+    for here, dirs, files in os.walk(root, followlinks=False, onerror=lambda _exc: None):
+        here_path = Path(here)
+        for name in dirs:
+            if name.startswith(".") and any(f".{stage}-" in name for stage in ("tmp", "new", "old")):
+                final = name[1:].rsplit(".", 1)[0] if "." in name[1:] else None
+                if final:
+                    with contextlib.suppress(OSError):
+                        recover_directory(here_path / final)
+        present = set(os.listdir(here_path)) if here_path.is_dir() else set()
+        dirs[:] = sorted(d for d in present if not d.startswith(".") and (here_path / d).is_dir()
+                         and not (here_path / d).is_symlink())
+        if CONFIG_FILE in files or CONFIG_FILE in present:
+            folders.append(here_path)
+    return folders
+
+
+def scan_checkpoints(root: str | Path) -> tuple[list[CheckpointInfo], list[UnreadableCheckpoint]]:
+    """Every checkpoint folder under `root` (any depth), newest first, and the damaged ones with the reason.
+
+    One bad folder never hides the others: whatever goes wrong reading it is its own entry's reason.
+    """
     root = Path(root)
     if not root.is_dir():
-        return []
-    found = []
-    for config_path in root.rglob(CONFIG_FILE):
-        folder = config_path.parent
-        if any(part.startswith(".") for part in folder.relative_to(root).parts):
-            continue  # temporary or moved-aside folders of an atomic write
+        return [], []
+    found: list[tuple[float, CheckpointInfo]] = []
+    bad: list[UnreadableCheckpoint] = []
+    for folder in _candidate_folders(root):
         try:
-            found.append(read_checkpoint_info(folder))
-        except CheckpointError:
-            continue
-    found.sort(key=lambda info: (info.path / CONFIG_FILE).stat().st_mtime, reverse=True)
-    return found
+            info = read_checkpoint_info(folder)
+            found.append(((folder / CONFIG_FILE).stat().st_mtime, info))
+        except CheckpointError as exc:
+            bad.append(UnreadableCheckpoint(folder, str(exc)))
+        except Exception as exc:
+            bad.append(UnreadableCheckpoint(folder, f"{type(exc).__name__}: {exc}"))
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    return [info for _, info in found], bad
+
+
+def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
+    """Every loadable checkpoint folder under `root` (any depth), newest first; damaged ones are skipped."""
+    return scan_checkpoints(root)[0]

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .config import PRESETS, ModelConfig, preset
-from .data import DEFAULT_DATASET, DataSpec
+from .data import DEFAULT_DATASET, DataSpec, local_files
+from .paths import PathNotAllowed, inside, write_text_nofollow
 
 RUN_CONFIG_FILE = "run.json"
 DEFAULT_MAX_STEPS = 2000
@@ -31,6 +32,15 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
 INIT_FROM_CONTEXT = 512  # training windows of an imported model (Gemma 3's own context is 32k)
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_TRAIN_CONTEXT = 32_768  # Gemma 3 270M's own context; trained sequences longer than this are refused
+# Upper bounds on what a flag, the Train tab or a run.json may ask for: far above real runs, far below
+# what would exhaust a machine before a clear message could be given.
+MAX_VALUES = {
+    "context_length": MAX_TRAIN_CONTEXT, "batch_size": 65_536, "grad_accum": 65_536,
+    "max_steps": 1_000_000_000, "max_tokens": 10**15, "eval_batches": 100_000, "max_stories": 10**10,
+    "log_every": 1_000_000_000, "eval_every": 1_000_000_000, "save_every": 1_000_000_000,
+}
+MAX_TOKENS_PER_MICRO_STEP = 2**20  # batch_size x context_length: 1M tokens (32 x 1024 is a usual GPU batch)
 
 
 @dataclass
@@ -103,6 +113,32 @@ class TrainConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if name in MAX_VALUES and value > MAX_VALUES[name]:
+                raise ValueError(f"{name} is {value:,}; at most {MAX_VALUES[name]:,} is allowed")
+        if self.batch_size is not None and self.context_length is not None \
+                and self.batch_size * self.context_length > MAX_TOKENS_PER_MICRO_STEP:
+            raise ValueError(
+                f"batch_size x context_length is {self.batch_size * self.context_length:,} tokens per micro-step; "
+                f"at most {MAX_TOKENS_PER_MICRO_STEP:,} fit in memory (use --grad-accum for larger batches)"
+            )
+        for name in ("data", "text_field", "cache_dir", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("val_data", "out"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a mapping of ModelConfig fields, got {self.model!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device {self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") \
+                    from None
+        for name in ("weight_decay", "grad_clip", "beta1", "beta2", "val_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.dtype not in DTYPES:
@@ -161,7 +197,7 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_text_nofollow(path, self.to_json() + "\n")  # a symlink named run.json is replaced, not followed
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -185,18 +221,66 @@ def parse_duration(text: str | float) -> float:
     return seconds
 
 
-def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
-    """The config of an existing run, marked to resume, with non-None `overrides` applied."""
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The raw `run.json` of a run folder: a JSON object, or a ValueError saying what is wrong with it."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {RUN_CONFIG_FILE}")
-    data = json.loads(path.read_text())
+    try:
+        if path.stat().st_size > 1024 * 1024:
+            raise ValueError(f"{path} is too large to be a run record")
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the run cannot be resumed from it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a JSON object; the run cannot be resumed from it")
+    return data
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The validated TrainConfig in a run folder's run.json."""
+    data = read_run_record(run_dir)
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{Path(run_dir) / RUN_CONFIG_FILE} is not a valid run record: {exc}") from None
+
+
+def check_run_paths(config: TrainConfig, run_dir: str | Path, roots: list[Path]) -> None:
+    """Refuse a run whose data, token cache or output lie outside `roots` (or whose output is not `run_dir`).
+
+    A run record is a file on disk like any other (a Hub download can bring one), so a resumed job
+    must not take its word for where to read and write.
+    """
+    run_dir = Path(run_dir).resolve()
+    where = run_dir / RUN_CONFIG_FILE
+    try:
+        inside(run_dir, roots)
+        if config.out is not None and Path(config.out).expanduser().resolve() != run_dir:
+            raise PathNotAllowed(f"its output folder {config.out} is not the run folder {run_dir}")
+        inside(config.cache_dir, roots, base=Path.cwd())
+        for source in (config.data, config.val_data):
+            if source is None:
+                continue
+            for file in local_files(source) or []:  # None: a hub dataset name, read through the hub's own cache
+                inside(file, roots)
+    except PathNotAllowed as exc:
+        raise ValueError(f"{where} is refused: {exc}") from None
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The config of an existing run, marked to resume, with non-None `overrides` applied."""
+    run_dir = Path(run_dir)
+    data = read_run_record(run_dir)
     data.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("max_tokens") is not None and overrides.get("max_steps") is None:
         data["max_steps"] = None  # recompute the steps from the new token budget
     data["out"], data["resume"] = str(run_dir), True
-    return TrainConfig.from_dict(data)
+    try:
+        return TrainConfig.from_dict(data)
+    except TypeError as exc:
+        raise ValueError(f"{run_dir / RUN_CONFIG_FILE} is not a valid run record: {exc}") from None
 
 
 def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:

@@ -36,7 +36,17 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_directory, read_json, read_safetensors, save_checkpoint, write_json, write_model_files
+from .checkpoint import (
+    TRAINING_STATE_FORMAT,
+    CheckpointError,
+    atomic_directory,
+    read_safetensors,
+    read_training_state,
+    recover_directory,
+    save_checkpoint,
+    write_json,
+    write_model_files,
+)
 from .config import count_parameters
 from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
@@ -53,6 +63,7 @@ from .optim import (
     step_progress,
     warmup_factor,
 )
+from .paths import open_append_nofollow, write_text_nofollow
 from .sampling import generate
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
@@ -63,7 +74,7 @@ LATEST_DIR = "latest"
 BEST_DIR = "best"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = TRAINING_STATE_FORMAT
 SAMPLE_PROMPT = "Once upon a time"
 # continued at every evaluation, greedily and sampled with the run's seed, into samples.jsonl
 SAMPLE_PROMPTS = (SAMPLE_PROMPT, "Tom and his mom")
@@ -99,12 +110,13 @@ def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after `step` (by a run that crashed after its last save)."""
+    if path.is_symlink():  # not a file this run wrote: never read or write through it
+        path.unlink()
+        return
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_nofollow(path, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> float:
@@ -203,6 +215,7 @@ class Trainer:
         self.bar: Any = None
         self.folder_ready = False
         self.best_val_loss: float | None = None
+        self.best_pending = False  # the last evaluation improved on the best; best/ is saved after latest/
         self.last_val_loss: float | None = None
         self.last_train_loss: float | None = None
         self.interval_loss = torch.zeros((), device=self.device)
@@ -244,6 +257,7 @@ class Trainer:
     def prepare_run_folder(self) -> None:
         c = self.config
         latest = self.run_dir / LATEST_DIR
+        recover_directory(latest)  # a save that a crash interrupted is finished or rolled back first
         if c.resume:
             if not (latest / STATE_JSON_FILE).is_file():
                 raise FileNotFoundError(
@@ -257,7 +271,7 @@ class Trainer:
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         c.save(self.run_dir / RUN_CONFIG_FILE)
         if c.resume:
-            saved_step = read_json(latest / STATE_JSON_FILE)["step"]
+            saved_step = self._saved_step()
             _truncate_metrics(self.metrics_path, saved_step)
             _truncate_metrics(self.run_dir / SAMPLES_FILE, saved_step)
         self.folder_ready = True
@@ -265,7 +279,7 @@ class Trainer:
 
     def _saved_step(self) -> int:
         path = self.run_dir / LATEST_DIR / STATE_JSON_FILE
-        return int(read_json(path)["step"]) if self.config.resume and path.is_file() else 0
+        return read_training_state(path)["step"] if self.config.resume and path.is_file() else 0
 
     def build(self) -> None:
         c = self.config
@@ -378,9 +392,18 @@ class Trainer:
 
     def load_state(self) -> None:
         folder = self.run_dir / LATEST_DIR
-        scalars = read_json(folder / STATE_JSON_FILE)
-        if scalars.get("format") != STATE_FORMAT:
-            raise ValueError(f"{folder / STATE_JSON_FILE} has an unknown format {scalars.get('format')!r}")
+        scalars = read_training_state(folder / STATE_JSON_FILE)
+        try:
+            self._load_state(folder, scalars)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"the training state in {folder} does not fit this run ({type(exc).__name__}: {exc}); "
+                f"it cannot be resumed. Its weights still load for generation; start a new run to keep training."
+            ) from None
+
+    def _load_state(self, folder: Path, scalars: dict[str, Any]) -> None:
         if scalars["optimizer"] != self.config.optimizer:
             raise ValueError(f"the run was trained with {scalars['optimizer']}; it cannot resume with "
                              f"{self.config.optimizer}")
@@ -439,7 +462,7 @@ class Trainer:
     def emit(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with open(self.metrics_path, "a") as f:
+        with open_append_nofollow(self.metrics_path) as f:
             f.write(json.dumps(record) + "\n")
         if self.on_metrics is not None:
             self.on_metrics(record)
@@ -573,7 +596,7 @@ class Trainer:
              "mode": "greedy" if greedy else "sampled", "text": self.sample(prompt, greedy), "time": time.time()}
             for prompt in SAMPLE_PROMPTS for greedy in (True, False)
         ]
-        with open(self.run_dir / SAMPLES_FILE, "a") as f:
+        with open_append_nofollow(self.run_dir / SAMPLES_FILE) as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         return next(r["text"] for r in records if r["mode"] == "sampled")
 
@@ -637,8 +660,12 @@ class Trainer:
                        "prompt": SAMPLE_PROMPT, "text": self.write_samples(), "time": time.time()})
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
-            if self.dist.is_main:
-                save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(val_loss), self.tokenizer)
+            self.best_pending = True  # written right after the next save of latest/: best never runs ahead of it
+
+    def save_best_if_pending(self) -> None:
+        if self.best_pending and self.dist.is_main and self.last_val_loss is not None:
+            save_checkpoint(self.run_dir / BEST_DIR, self.model, self.metadata(self.last_val_loss), self.tokenizer)
+        self.best_pending = False
 
     def run(self) -> TrainResult:
         c = self.config
@@ -695,8 +722,9 @@ class Trainer:
                 if evaluate and c.max_time is not None:
                     self.next_eval_s = self.elapsed() + c.max_time / 10
                 save_due = self.step % c.save_every == 0 if c.save_every is not None else evaluate
-                if save_due and not final:
+                if (save_due or self.best_pending) and not final:
                     self.save_latest()
+                    self.save_best_if_pending()
                 if final:
                     break
                 if self.interval_steps == 0:  # a record was just written: time the next interval from here
@@ -705,6 +733,7 @@ class Trainer:
             if self.bar is not None:
                 self.bar.close()
         checkpoint = self.save_latest()
+        self.save_best_if_pending()
         reason = "stopped" if stopped else "finished"
         self.emit({"kind": "end", "reason": reason, "step": self.step, "tokens": self.step * self.tokens_per_step,
                    "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "val_loss": self.last_val_loss,
@@ -765,6 +794,6 @@ def error_message(exc: BaseException) -> str:
     """One line for a user: the message alone for errors we raise on purpose, with the type otherwise."""
     from .data import DataError
 
-    if isinstance(exc, (DataError, FileNotFoundError, FileExistsError, ValueError)):
+    if isinstance(exc, (DataError, FileNotFoundError, FileExistsError, ValueError, CheckpointError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"

@@ -78,7 +78,7 @@ def test_config_that_does_not_fit_the_weights(tmp_path):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     config["hidden_size"] = 32
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="do not belong together"):
         slm.load_model(tmp_path / "ckpt")
 
 

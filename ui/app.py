@@ -11,7 +11,7 @@ from slm.jobs import TrainingManager
 from .common import AppSettings
 from .generate_tab import build_generate_tab
 from .inspect_tab import build_inspect_tab
-from .models import ModelPicker, ModelRegistry
+from .models import ModelPicker, ModelRegistry, usable_key
 from .step_tab import build_step_tab
 from .train_tab import build_train_tab
 
@@ -33,7 +33,8 @@ def launch_options() -> dict[str, Any]:
 def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> gr.Blocks:
     """The playground. `manager` is the server's one TrainingManager (made here when not given)."""
     registry = ModelRegistry(settings)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # uploads wait in Gradio's temporary cache: files older than an hour are removed, checked every hour
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# {TITLE}\nA Gemma 3-style small language model, built from scratch: generate, look inside, train."
         )
@@ -51,7 +52,7 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
 
         def start_session():
             entries = registry.entries()
-            key = entries[0].key
+            key = usable_key(entries)
             return key, gr.Dropdown(choices=[(e.label, e.key) for e in entries], value=key), registry.describe(key)
 
         demo.load(start_session, None, [picker.state, picker.dropdown, picker.description], api_visibility="private")

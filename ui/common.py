@@ -21,12 +21,10 @@ import torch
 
 from slm import CheckpointError
 from slm.devices import native_bf16
+from slm.limits import DEFAULT_MAX_UPLOAD_MB, fit_prompt
+from slm.paths import PathNotAllowed, inside
 
 log = logging.getLogger("slm.app")
-
-
-class PathNotAllowed(ValueError):
-    """A path outside the folders the app may read."""
 
 
 @dataclass
@@ -37,6 +35,7 @@ class AppSettings:
     data_dir: Path
     device: torch.device
     dtype: torch.dtype
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB  # the largest training-text upload accepted
 
     @property
     def allowed_roots(self) -> list[Path]:
@@ -46,6 +45,8 @@ class AppSettings:
 def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA when present (bf16 where the GPU supports it, else fp32); otherwise the CPU in fp32."""
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("no CUDA GPU is available on this machine")
     if native_bf16(device):  # not emulated bf16 (T4, V100): slower than fp32 there
         return device, torch.bfloat16
     return device, torch.float32
@@ -54,17 +55,21 @@ def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype
 def allowed_path(path: str | Path, roots: list[Path], base: Path | None = None) -> Path:
     """`path` resolved (symlinks followed), if it lies inside one of `roots`; else PathNotAllowed.
 
-    A relative path is taken relative to `base` (default: the first root).
+    A relative path is taken relative to `base` (default: the first root). The rule itself lives in
+    `slm.paths.inside`, shared with the training worker.
     """
-    candidate = Path(str(path).strip()).expanduser()
-    if not candidate.is_absolute():
-        candidate = (base or roots[0]) / candidate
-    resolved = candidate.resolve()
-    for root in roots:
-        if resolved == root or resolved.is_relative_to(root):
-            return resolved
-    names = " or ".join(str(r) for r in roots)
-    raise PathNotAllowed(f"{path} is outside the folders this app may read ({names}); it was not opened.")
+    return inside(path, roots, base)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, max_tokens: int) -> list[int]:
+    """The prompt's token ids, at most `max_tokens` of them (the last ones), with a notice when it was trimmed.
+
+    Every tab that feeds a typed prompt to a model goes through this (the policy is `slm.limits.fit_prompt`).
+    """
+    fitted = fit_prompt(tokenizer, prompt or "", max_tokens)
+    if fitted.notice:
+        gr.Warning(fitted.notice)
+    return fitted.ids
 
 
 def number(value: Any, name: str, minimum: float | None = None, maximum: float | None = None) -> float:
@@ -89,7 +94,7 @@ def integer(value: Any, name: str, minimum: int | None = None, maximum: int | No
     return int(value)
 
 
-EXPECTED = (ValueError, CheckpointError, FileNotFoundError, PathNotAllowed)
+EXPECTED = (ValueError, CheckpointError, FileNotFoundError, FileExistsError, PathNotAllowed)
 
 
 def _as_user_error(exc: Exception) -> gr.Error:

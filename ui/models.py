@@ -13,11 +13,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from slm import CheckpointError, LoadedModel, build_model, count_parameters, list_checkpoints, load, preset
+from slm import CheckpointError, LoadedModel, build_model, count_parameters, load, preset
 from slm.checkpoint import WEIGHTS_FILE
 from slm.engine import warm_up_in_background
 from slm.hub import download, is_repo_id
-from slm.loading import CheckpointInfo, read_checkpoint_info
+from slm.loading import CheckpointInfo, read_checkpoint_info, scan_checkpoints
 from slm.tokenizer import gpt2_tokenizer, has_tokenizer_files
 
 from .common import AppSettings, PathNotAllowed, allowed_path, user_errors
@@ -42,10 +42,14 @@ class ModelEntry:
 
     key: str  # the dropdown value: a path relative to the checkpoint folder, or UNTRAINED
     label: str
-    info: CheckpointInfo | None  # None for the untrained model
+    info: CheckpointInfo | None  # None for the untrained model and for an unreadable folder
+    problem: str | None = None  # why a folder with a config.json cannot be used
 
     def as_dict(self) -> dict:
         info = self.info
+        if self.problem is not None:
+            return {"key": self.key, "label": self.label, "preset": None, "parameters": None, "step": None,
+                    "val_loss": None, "format": "unreadable", "reason": self.problem}
         return {
             "key": self.key,
             "label": self.label,
@@ -78,12 +82,21 @@ class ModelRegistry:
         return ModelEntry(key, " · ".join(parts), info)
 
     def entries(self) -> list[ModelEntry]:
-        """Checkpoints newest first, then the untrained model (always there, so the app always works)."""
+        """Checkpoints newest first, then folders that cannot be read (marked, with the reason), then the
+        untrained model (always there, so the app always works)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        found = [self._entry(info) for info in list_checkpoints(self.root.resolve()) if self._allowed(info.path)]
+        root = self.root.resolve()
+        infos, unreadable = scan_checkpoints(root)
+        found = [self._entry(info) for info in infos if self._allowed(info.path)]
+        bad = []
+        for item in unreadable:
+            if self._allowed(item.path):
+                key = item.path.relative_to(root).as_posix()
+                reason = item.reason.replace(str(root) + "/", "")
+                bad.append(ModelEntry(key, f"⚠ {key} · unreadable: {reason[:160]}", None, reason))
         untrained = ModelEntry(UNTRAINED, f"{UNTRAINED} · {_fmt_params(count_parameters(preset('tiny')).total)} "
                                           "params · random weights", None)
-        return [*found, untrained]
+        return [*found, *bad, untrained]
 
     def _allowed(self, folder: Path) -> bool:
         """False for a folder that only a symlink puts under the checkpoint folder."""
@@ -94,7 +107,8 @@ class ModelRegistry:
         return True
 
     def default_key(self) -> str:
-        return self.entries()[0].key
+        """The newest readable checkpoint, else the untrained model."""
+        return usable_key(self.entries())
 
     def has_checkpoints(self) -> bool:
         return any(e.info is not None for e in self.entries())
@@ -139,7 +153,10 @@ class ModelRegistry:
             if not self.has_checkpoints():
                 text += "\n\n" + NO_CHECKPOINT_HELP.format(root=self.root)
             return text
-        info = read_checkpoint_info(self.checkpoint_folder(key))
+        try:
+            info = read_checkpoint_info(self.checkpoint_folder(key))
+        except (CheckpointError, PathNotAllowed) as exc:
+            return f"**{key}** cannot be used: {exc}"
         entry = self._entry(info)
         config = info.config
         return (
@@ -167,6 +184,11 @@ def tokenizer_name(folder: Path) -> str:
     return "its own tokenizer.json" if has_tokenizer_files(folder) else "GPT-2 tokenizer"
 
 
+def usable_key(entries: list[ModelEntry]) -> str:
+    """The first entry that can be loaded (the untrained model is always one)."""
+    return next(e.key for e in entries if e.problem is None)
+
+
 def checkpoint_table(entries: list[ModelEntry]) -> list[dict]:
     return [e.as_dict() for e in entries]
 
@@ -179,7 +201,7 @@ class ModelPicker:
         entries = registry.entries()
         with gr.Row(equal_height=True):
             self.dropdown = gr.Dropdown(
-                choices=[(e.label, e.key) for e in entries], value=entries[0].key, label="Model",
+                choices=[(e.label, e.key) for e in entries], value=usable_key(entries), label="Model",
                 info="Checkpoints in the checkpoint folder, newest first (or type a folder path inside it)",
                 allow_custom_value=True, scale=5, elem_id="model-picker",
             )
@@ -187,7 +209,7 @@ class ModelPicker:
             self.hub_repo = gr.Textbox(label="…or a Hub repo id (transformers Gemma 3)", placeholder="owner/name",
                                        scale=2)
             self.hub_button = gr.Button("Download", scale=0, min_width=110)
-        self.description = gr.Markdown(registry.describe(entries[0].key))
+        self.description = gr.Markdown(registry.describe(usable_key(entries)))
         self.catalogue = gr.JSON(visible=False, label="checkpoints")
         self.state = gr.State(None)
 
@@ -201,7 +223,7 @@ class ModelPicker:
         def show_choices(current: str | None):
             entries = registry.entries()
             keys = [e.key for e in entries]
-            value = current if current in keys else entries[0].key
+            value = current if current in keys else usable_key(entries)
             return gr.Dropdown(choices=[(e.label, e.key) for e in entries], value=value)
 
         @user_errors

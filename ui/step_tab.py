@@ -14,7 +14,7 @@ from slm.plots import percent, sampling_bars, visible
 from slm.sampling import NAN_TOKEN, make_generator
 from slm.sampling import sample as draw_token
 
-from .common import gpu, integer, user_errors
+from .common import gpu, integer, prompt_ids, user_errors
 from .generate_tab import DEFAULT_PROMPT, read_settings
 from .models import ModelPicker
 
@@ -22,8 +22,8 @@ CANDIDATES = 10
 SAMPLED, CHOSEN = "sampled", "chosen by you"
 
 
-def new_story(tokenizer: Tokenizer, prompt: str) -> dict:
-    ids = tokenizer.encode(prompt or "")
+def new_story(tokenizer: Tokenizer, prompt: str, max_tokens: int) -> dict:
+    ids = prompt_ids(tokenizer, prompt, max_tokens)
     if not ids:
         gr.Warning("The prompt is empty: starting from the end-of-text token.")
         ids = [tokenizer.eot_id]
@@ -81,25 +81,30 @@ def build_step_tab(picker: ModelPicker, tab: gr.Tab) -> None:
     def tokenizer_of(model_key):
         return registry.get(model_key).tokenizer
 
+    def fresh(prompt: str, model_key: str | None) -> dict:
+        """A new story from the prompt, trimmed (with a notice) to the model's context."""
+        lm = registry.get(model_key)
+        return new_story(lm.tokenizer, prompt, lm.model.config.context_length)
+
     def append(story_state: dict, token_id: int, kind: str) -> dict:
         return {**story_state, "ids": [*story_state["ids"], token_id], "kinds": [*story_state["kinds"], kind]}
 
     @gpu
     @user_errors
     def restart(prompt, temperature, top_k, top_p, model_key):
-        return view(new_story(tokenizer_of(model_key), prompt), temperature, top_k, top_p, model_key)
+        return view(fresh(prompt, model_key), temperature, top_k, top_p, model_key)
 
     @gpu
     @user_errors
     def refresh(prompt, temperature, top_k, top_p, story_state, model_key):
-        return view(story_state or new_story(tokenizer_of(model_key), prompt), temperature, top_k, top_p, model_key)
+        return view(story_state or fresh(prompt, model_key), temperature, top_k, top_p, model_key)
 
     @gpu
     @user_errors
     def sample_one(prompt, temperature, top_k, top_p, seed, story_state, model_key):
         lm = registry.get(model_key)
         model, tokenizer = lm.model, lm.tokenizer
-        story_state = story_state or new_story(tokenizer, prompt)
+        story_state = story_state or fresh(prompt, model_key)
         settings = read_settings(1, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         seed = settings.params.seed  # reproducible: the same seed and text give the same draw
         generator = None if seed is None else make_generator(seed * 1_000_003 + len(story_state["ids"]), model.device)
@@ -116,13 +121,13 @@ def build_step_tab(picker: ModelPicker, tab: gr.Tab) -> None:
             raise gr.Error("Choose one of the candidate tokens first.")
         tokenizer = tokenizer_of(model_key)
         token = integer(chosen, "token id", 0, tokenizer.vocab_size - 1)
-        story_state = story_state or new_story(tokenizer, prompt)
+        story_state = story_state or fresh(prompt, model_key)
         return view(append(story_state, token, CHOSEN), temperature, top_k, top_p, model_key)
 
     @gpu
     @user_errors
     def undo_one(prompt, temperature, top_k, top_p, story_state, model_key):
-        story_state = story_state or new_story(tokenizer_of(model_key), prompt)
+        story_state = story_state or fresh(prompt, model_key)
         if story_state["kinds"] and story_state["kinds"][-1] is not None:
             story_state = {**story_state, "ids": story_state["ids"][:-1], "kinds": story_state["kinds"][:-1]}
         return view(story_state, temperature, top_k, top_p, model_key)

@@ -19,6 +19,7 @@ from slm import PRESETS
 from slm.data import DEFAULT_DATASET
 from slm.hub import is_repo_id
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
+from slm.paths import create_new_file, inside
 from slm.plots import loss_figure
 from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
 from slm.training import SAMPLES_FILE, read_metrics
@@ -131,8 +132,36 @@ def safe_upload_name(name: str) -> str:
     return stem if Path(stem).suffix.lower() in DATA_SUFFIXES else stem + ".txt"
 
 
+def save_upload(source: Path, data_dir: Path, max_mb: float) -> str:
+    """Copy an uploaded file into `data_dir/uploads` and return its path relative to `data_dir`.
+
+    The copy never follows a symlink and never replaces a file: a taken name becomes `name-2.txt`
+    (and so on). Files larger than `max_mb` are refused.
+    """
+    size = source.stat().st_size
+    if size > max_mb * 1024 * 1024:
+        raise ValueError(f"{source.name} is {size / 1024 / 1024:,.1f} MB; uploads are limited to {max_mb:g} MB "
+                         "(start the app with --max-upload-mb to change it), or put the file in the data folder")
+    target_dir = data_dir / UPLOADS
+    target_dir.mkdir(parents=True, exist_ok=True)
+    inside(target_dir, [data_dir])  # an `uploads` symlink leading elsewhere is refused
+    name = safe_upload_name(source.name)
+    out, target = create_new_file(target_dir, name)
+    try:
+        with out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    relative = target.relative_to(data_dir).as_posix()
+    if target.name != name:
+        gr.Warning(f"{UPLOADS}/{name} already exists, so the upload was saved as {relative} (nothing was replaced).")
+    return relative
+
+
 def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: TrainingManager | None) -> TrainingManager:
     manager = manager or TrainingManager(runs_root=settings.checkpoints_dir)
+    manager.allow([settings.data_dir])  # jobs read their text and write their token cache there
     checkpoints_dir, data_dir = settings.checkpoints_dir.resolve(), settings.data_dir.resolve()
     registry = picker.registry
 
@@ -279,11 +308,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     def uploaded(path: str | None):
         if not path:
             return gr.skip(), gr.skip()
-        target_dir = data_dir / UPLOADS
-        target_dir.mkdir(parents=True, exist_ok=True)
-        target = target_dir / safe_upload_name(Path(path).name)
-        shutil.copyfile(path, target)
-        relative = target.relative_to(data_dir).as_posix()
+        relative = save_upload(Path(path), data_dir, settings.max_upload_mb)
         gr.Info(f"Saved as {relative} in the data folder.")
         return relative, FILE_SOURCE
 
