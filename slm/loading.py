@@ -20,6 +20,7 @@ from .checkpoint import (
 from .config import ModelConfig, count_parameters
 from .hf import config_from_hf, is_hf_config, load_hf_model
 from .model import Gemma3LM
+from .snapshots import is_snapshot_path
 
 
 def _folder(path: str | Path) -> Path:
@@ -81,8 +82,11 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(folder, config, count_parameters(config).total, fmt, read_metadata(folder))
 
 
-def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
-    """Every loadable checkpoint folder under `root` (any depth), newest first; damaged ones are skipped."""
+def list_checkpoints(root: str | Path, include_snapshots: bool = False) -> list[CheckpointInfo]:
+    """Every loadable checkpoint folder under `root` (any depth), newest first; damaged ones are skipped.
+
+    A run's snapshots (`<run>/snapshots/step-*`, see slm/snapshots.py) are left out unless asked for.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
@@ -91,6 +95,8 @@ def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
         folder = config_path.parent
         if any(part.startswith(".") for part in folder.relative_to(root).parts):
             continue  # temporary or moved-aside folders of an atomic write
+        if not include_snapshots and is_snapshot_path(folder):
+            continue
         try:
             found.append(read_checkpoint_info(folder))
         except CheckpointError:

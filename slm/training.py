@@ -43,6 +43,7 @@ from .flops import device_peak_flops, mfu, training_flops_per_token
 from .model import Gemma3LM, build_model
 from .optim import build_optimizers, lr_at, optimizer_state_from_files, optimizer_state_to_files, set_lr
 from .sampling import generate
+from .snapshots import keep_snapshot
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
 
@@ -361,6 +362,12 @@ class Trainer:
             self.on_save(self.run_dir)
         return folder
 
+    def keep_snapshot(self, last: bool = False) -> None:
+        """Weights at the planned snapshot steps (0, 10, 20, 50, 100, ... and the last): see slm/snapshots.py."""
+        if self.dist.is_main:
+            keep_snapshot(self.run_dir, self.model, self.step, self.config.max_steps,
+                          self.step * self.tokens_per_step, self.metadata(self.last_val_loss), last=last)
+
     def emit(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
@@ -515,6 +522,7 @@ class Trainer:
             self.bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True)
         self.session_start = self.interval_start = time.perf_counter()
         stopped = False
+        self.keep_snapshot()  # step 0: the initial weights, before any update
         try:
             while self.step < c.max_steps:
                 if self.stop_requested():
@@ -529,12 +537,14 @@ class Trainer:
                     self.log(grad_norm, evaluate)
                 if self.step % c.save_every == 0 and not final:
                     self.save_latest()
+                self.keep_snapshot()
                 if self.interval_steps == 0:  # a record was just written: time the next interval from here
                     self.interval_start = time.perf_counter()
         finally:
             if self.bar is not None:
                 self.bar.close()
         checkpoint = self.save_latest()
+        self.keep_snapshot(last=True)
         reason = "stopped" if stopped else "finished"
         self.emit({"kind": "end", "reason": reason, "step": self.step, "tokens": self.step * self.tokens_per_step,
                    "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "time": time.time()})

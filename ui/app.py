@@ -15,6 +15,7 @@ from .inspect_tab import build_inspect_tab
 from .models import ModelPicker, ModelRegistry
 from .step_tab import build_step_tab
 from .train_tab import build_train_tab
+from .watch_tab import build_watch_tab
 
 TITLE = "slm-playground"
 CSS = """
@@ -47,6 +48,8 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
                 build_step_tab(picker, tokenizer, step_tab)
             with gr.Tab("Inspect", id="inspect"):
                 build_inspect_tab(picker, tokenizer)
+            with gr.Tab("Watch it learn", id="watch"):
+                build_watch_tab(settings, tokenizer)
             with gr.Tab("Train", id="train"):
                 build_train_tab(picker, settings, manager)
         picker.wire()
