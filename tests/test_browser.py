@@ -6,6 +6,7 @@ missing browser fails. A failing step leaves a screenshot in test-artifacts/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -175,3 +176,39 @@ def test_training_in_the_page(page):
     with step(page, "new-checkpoint-in-picker"):
         page.locator("#model-picker input").click()
         page.get_by_role("option", name=re.compile(r"tiny-[0-9-]+.latest")).first.wait_for()
+
+
+def test_watch_it_learn_in_the_page(page, app):
+    from slm import build_model
+    from slm.snapshots import save_snapshot
+
+    run = app["root"] / "checkpoints" / "watched"
+    for step_number, seed in ((0, 0), (10, 1)):  # two different weights, so the colours must change
+        save_snapshot(run, build_model(playground_config(), seed=seed), step_number, step_number * 64)
+    colours = "els => els.map(e => getComputedStyle(e).backgroundColor)"
+    with step(page, "open"):
+        open_tab(page, "Watch it learn")
+        page.click("#watch-refresh")
+        page.locator("#watch-run input").fill("watched")
+        page.locator("#watch-run input").press("Enter")
+        page.locator("#watch-text textarea").fill("The cat sat on the mat. The dog sat on the log.")
+        page.click("#watch-button")
+        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for()
+        page.locator("#watch-curves img").wait_for(state="visible")
+        page.locator("#watch-candidates img").wait_for(state="visible")
+        at_ten = page.eval_on_selector_all("#watch-tokens .score-token", colours)
+        assert len(at_ten) >= 12
+    with step(page, "slider"):
+        number = page.locator("#watch-slider input[type=number]")
+        number.fill("0")
+        number.press("Enter")
+        page.locator("#watch-status").get_by_text("step 0 of 10").wait_for()
+        page.wait_for_function(
+            "prev => JSON.stringify([...document.querySelectorAll('#watch-tokens .score-token')]"
+            ".map(e => getComputedStyle(e).backgroundColor)) !== prev", arg=json.dumps(at_ten)
+        )
+        at_zero = page.eval_on_selector_all("#watch-tokens .score-token", colours)
+        assert len(at_zero) == len(at_ten) and at_zero != at_ten
+    with step(page, "play"):
+        page.click("#watch-play")
+        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for()

@@ -15,14 +15,16 @@ from typing import Any
 
 import gradio as gr
 
-from slm import PRESETS
+from slm import PRESETS, load_tokenizer
 from slm.data import DEFAULT_DATASET
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.plots import loss_figure
 from slm.train_config import TrainConfig
 
 from .common import AppSettings, allowed_path, integer, number, user_errors
+from .inspect_tab import DEFAULT_TEXT as WATCH_TEXT
 from .models import ModelPicker
+from .watch_tab import newest_snapshot_view
 
 HUB_SOURCE = "TinyStories from the Hugging Face hub"
 FILE_SOURCE = "A file in the data folder"
@@ -107,6 +109,7 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     manager = manager or TrainingManager(runs_root=settings.checkpoints_dir)
     checkpoints_dir, data_dir = settings.checkpoints_dir.resolve(), settings.data_dir.resolve()
     registry = picker.registry
+    watch_tokenizer = load_tokenizer()
 
     with gr.Row():
         with gr.Column():
@@ -139,6 +142,13 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", show_label=False, elem_id="train-loss")
         sample = gr.Textbox(label="Latest sample story", lines=10, elem_id="train-sample", elem_classes=["big-text"])
+    with gr.Accordion("Watch a text learn: the text at the run's newest snapshot", open=False):
+        live_text = gr.Textbox(WATCH_TEXT, lines=2, label="Text", elem_id="train-watch-text")
+        live_info = gr.Markdown(elem_id="train-watch-info")
+        live_tokens = gr.HighlightedText(show_legend=False, show_inline_category=False, combine_adjacent=False,
+                                         label="each token coloured by its probability", elem_id="train-watch-tokens",
+                                         elem_classes=["big-text"])
+    live_seen = gr.State(None)
     status_json = gr.JSON(visible=False)
     seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
     timer = gr.Timer(POLL_SECONDS)
@@ -229,6 +239,14 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         gr.Info(f"Saved as {relative} in the data folder.")
         return relative, FILE_SOURCE
 
+    @user_errors
+    def watch_newest(text: str, last: tuple | None):
+        seen_now, line, highlighted = newest_snapshot_view(manager.status().run_dir, text, watch_tokenizer, settings,
+                                                            last)
+        return seen_now, line or gr.skip(), gr.skip() if highlighted is None else highlighted
+
+    timer.tick(watch_newest, [live_text, live_seen], [live_seen, live_info, live_tokens], api_visibility="private",
+               show_progress="hidden")
     train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context]
     start.click(start_training, train_inputs, message, api_name="start_training")
     stop.click(stop_training, None, message, api_name="stop_training")

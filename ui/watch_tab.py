@@ -14,7 +14,7 @@ import gradio as gr
 
 from slm import Tokenizer, list_checkpoints, load_model
 from slm.inspection import NextTokenView
-from slm.learning import LearningTimeline, TimelineCache, compare_models, watch_run
+from slm.learning import LearningTimeline, TimelineCache, compare_models, score_text, watch_run
 from slm.plots import learning_figure, next_token_bars, percent
 from slm.snapshots import list_snapshots, runs_with_snapshots
 from slm.training import read_metrics
@@ -99,14 +99,14 @@ def build_watch_tab(settings: AppSettings, tokenizer: Tokenizer) -> None:
     with gr.Row(equal_height=True):
         run_box = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", allow_custom_value=True, scale=3,
                               elem_id="watch-run")
-        refresh = gr.Button("↻", scale=0, min_width=60)
+        refresh = gr.Button("↻", scale=0, min_width=60, elem_id="watch-refresh")
         prompt_box = gr.Textbox(DEFAULT_PROMPT, label="Prompt to continue", scale=3, elem_id="watch-prompt")
         watch = gr.Button("Watch", variant="primary", scale=1, elem_id="watch-button")
     text_box = gr.Textbox(DEFAULT_TEXT, lines=2, label="Text", elem_id="watch-text")
     with gr.Row(equal_height=True):
         snapshot_slider = gr.Slider(0, 1, value=0, step=1, label="Snapshot", scale=6, elem_id="watch-slider")
         play = gr.Button("▶ Play", scale=0, min_width=90, elem_id="watch-play")
-        pause = gr.Button("⏸", scale=0, min_width=60, elem_id="watch-pause")
+        pause = gr.Button("Pause", scale=0, min_width=90, elem_id="watch-pause")
     status = gr.Markdown(elem_id="watch-status")
     tokens = gr.HighlightedText(
         label="The text, each token coloured by its probability (click one to see the candidates there)",
@@ -251,3 +251,26 @@ def build_watch_tab(settings: AppSettings, tokenizer: Tokenizer) -> None:
                   [compare_summary, compare_view, changed_table], api_visibility="private")
     gr.api(watch_learning, api_name="watch_learning")
     gr.api(compare_checkpoints, api_name="compare_checkpoints")
+
+
+def newest_snapshot_view(run_dir: str | Path | None, text: str, tokenizer: Tokenizer, settings: AppSettings,
+                         seen: tuple | None) -> tuple[tuple | None, str, list | None]:
+    """For the Train tab's live view: the text at the newest snapshot of the running run.
+
+    Returns (what was drawn, markdown, highlighted tokens); scores only when the newest snapshot or
+    the text changed since `seen` (else the markdown is empty and the tokens None: keep what is shown).
+    """
+    if not run_dir or not (text or "").strip():
+        return seen, "", None
+    snapshots = list_snapshots(run_dir)
+    if not snapshots:
+        return seen, "", None
+    newest = snapshots[-1]
+    key = (str(run_dir), newest.step, text)
+    if key == seen:
+        return seen, "", None
+    model = load_model(newest.path, device=settings.device, dtype=settings.dtype)
+    scored = score_text(model, tokenizer, text)
+    line = (f"At the newest snapshot, **step {newest.step:,}** ({newest.tokens_seen:,} tokens seen): this text's "
+            f"loss is **{scored.loss:.2f}** nats/token, **{scored.bits_per_byte:.2f}** bits per byte.")
+    return key, line, list(zip(scored.tokens, scored.probabilities, strict=True))
