@@ -192,8 +192,8 @@ def test_watch_it_learn_in_the_page(page, app):
         page.locator("#watch-run input").fill("watched")
         page.locator("#watch-run input").press("Enter")
         page.locator("#watch-text textarea").fill("The cat sat on the mat. The dog sat on the log.")
-        page.click("#watch-button")
-        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for()
+        page.click("#watch-button")  # scores the text with every snapshot: slow on a busy CPU
+        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for(timeout=240_000)
         page.locator("#watch-curves img").wait_for(state="visible")
         page.locator("#watch-candidates img").wait_for(state="visible")
         at_ten = page.eval_on_selector_all("#watch-tokens .score-token", colours)
@@ -202,13 +202,13 @@ def test_watch_it_learn_in_the_page(page, app):
         number = page.locator("#watch-slider input[type=number]")
         number.fill("0")
         number.press("Enter")
-        page.locator("#watch-status").get_by_text("step 0 of 10").wait_for()
+        page.locator("#watch-status").get_by_text("step 0 of 10").wait_for(timeout=120_000)
         page.wait_for_function(
             "prev => JSON.stringify([...document.querySelectorAll('#watch-tokens .score-token')]"
-            ".map(e => getComputedStyle(e).backgroundColor)) !== prev", arg=json.dumps(at_ten)
+            ".map(e => getComputedStyle(e).backgroundColor)) !== prev", arg=json.dumps(at_ten), timeout=120_000
         )
         at_zero = page.eval_on_selector_all("#watch-tokens .score-token", colours)
         assert len(at_zero) == len(at_ten) and at_zero != at_ten
     with step(page, "play"):
         page.click("#watch-play")
-        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for()
+        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for(timeout=120_000)
