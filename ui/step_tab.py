@@ -7,12 +7,12 @@ after temperature, top-k and top-p. The presenter samples, or picks any candidat
 from __future__ import annotations
 
 import gradio as gr
-import torch
 
 from slm import Tokenizer
 from slm.inspection import next_token_logits, sampling_view
 from slm.plots import percent, sampling_bars, visible
-from slm.sampling import sample_next
+from slm.sampling import NAN_TOKEN, make_generator
+from slm.sampling import sample as draw_token
 
 from .common import gpu, integer, user_errors
 from .generate_tab import DEFAULT_PROMPT, read_settings
@@ -64,8 +64,8 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         model = registry.get(model_key)
         settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
         logits = next_token_logits(model, story_state["ids"])
-        step_view = sampling_view(logits, tokenizer, settings.temperature, settings.top_k, settings.top_p,
-                                  CANDIDATES)
+        params = settings.params
+        step_view = sampling_view(logits, tokenizer, params.temperature, params.top_k, params.top_p, CANDIDATES)
         strings = tokenizer.token_strings(story_state["ids"])
         segments = [(s, k) for s, k in zip(strings, story_state["kinds"], strict=True)]
         choices = [
@@ -96,12 +96,12 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         story_state = story_state or new_story(tokenizer, prompt)
         settings = read_settings(1, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         model = registry.get(model_key)
-        generator = None
-        if settings.seed is not None:  # reproducible: the same seed and text give the same draw
-            generator = torch.Generator(device=model.device)
-            generator.manual_seed(settings.seed * 1_000_003 + len(story_state["ids"]))
+        seed = settings.params.seed  # reproducible: the same seed and text give the same draw
+        generator = None if seed is None else make_generator(seed * 1_000_003 + len(story_state["ids"]), model.device)
         logits = next_token_logits(model, story_state["ids"])[None]
-        token = int(sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator)[0])
+        token = int(draw_token(logits, settings.params, generator)[0])
+        if token == NAN_TOKEN:
+            raise gr.Error("The model's output is NaN: its weights are probably broken.")
         return view(append(story_state, token, SAMPLED), temperature, top_k, top_p, model_key)
 
     @gpu
