@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from .engine import generate
 from .inspection import Candidate
 from .loading import load_model
 from .model import Gemma3LM
-from .sampling import generate
 from .snapshots import list_snapshots
 from .tokenizer import Tokenizer
 
