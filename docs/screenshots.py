@@ -6,6 +6,11 @@ Serves the playground in-process, drives it with Playwright and Debian's Chromiu
 docs/<tab>.png. The Train shot resumes a trained run (--resume-run) or starts one on the
 first text file in the data folder, and stops it after the shot. The PNGs are reduced to a
 256-colour palette to stay small.
+
+    python docs/screenshots.py --checkpoints checkpoints --data-dir /tmp/data --watch-run watch-2000
+
+takes only the "Watch it learn" shot (docs/watch.png, 1280x720) of a run with snapshots, at the
+snapshot --watch-snapshot (default: the middle one).
 """
 
 from __future__ import annotations
@@ -58,6 +63,31 @@ def wait_until_still(page, selectors: list[str], seconds: float = 3.0) -> None:
         page.wait_for_timeout(250)
 
 
+def watch_shot(page, run: str, snapshot: int | None, path: Path) -> None:
+    """The Watch it learn tab at 1280x720, scrolled to the snapshot slider, tokens and curves."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.get_by_role("tab", name="Watch it learn").click()
+    page.locator("#watch-run input").fill(run)
+    page.locator("#watch-run input").press("Enter")
+    page.locator("#watch-text textarea").fill(STORY)
+    page.click("#watch-button")
+    page.locator("#watch-curves img").wait_for()
+    slider = page.locator("#watch-slider input[type=number]")
+    count = int(slider.get_attribute("max")) + 1
+    index = count // 2 if snapshot is None else snapshot
+    slider.fill(str(index))
+    slider.press("Enter")
+    page.locator("#watch-status").get_by_text(re.compile(r"step [\d,]+ of")).wait_for()
+    page.wait_for_timeout(3000)
+    page.locator("#watch-slider").scroll_into_view_if_needed()
+    page.evaluate("document.querySelector('#watch-slider').scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
+    png = page.screenshot()
+    image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    image.save(path, optimize=True)
+    print(f"{path}: {path.stat().st_size / 1024:.0f} KB, snapshot {index} of {count}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=Path, required=True)
@@ -66,6 +96,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2000, help="steps of the run the Train shot shows")
     parser.add_argument("--resume-run", help="resume this run (a folder in --checkpoints) instead of starting one")
     parser.add_argument("--shot-at-step", type=int, default=100, help="take the Train shot once the run logs this step")
+    parser.add_argument("--watch-run", help="take only the Watch it learn shot, of this run (in --checkpoints)")
+    parser.add_argument("--watch-snapshot", type=int, help="snapshot index the Watch shot shows [middle]")
     args = parser.parse_args()
 
     settings = AppSettings(args.checkpoints.resolve(), args.data_dir.resolve(), torch.device("cpu"), torch.float32)
@@ -80,6 +112,10 @@ def main() -> None:
             page.set_default_timeout(600_000)
             page.goto(url)
             page.wait_for_selector("#generate-button")
+            if args.watch_run:
+                watch_shot(page, args.watch_run, args.watch_snapshot, args.out / "watch.png")
+                browser.close()
+                return
 
             page.locator("#generate-prompt textarea").fill("Once upon a time, there was a little dog named")
             page.click("#generate-button")

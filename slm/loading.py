@@ -29,6 +29,7 @@ from .config import ModelConfig, count_parameters
 from .hf import config_from_hf, is_hf_config, load_hf_model
 from .hub import download, is_repo_id
 from .model import Gemma3LM
+from .snapshots import is_snapshot_path
 from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, has_tokenizer_files, load_tokenizer
 
 
@@ -192,10 +193,13 @@ def _candidate_folders(root: Path) -> list[Path]:
     return folders
 
 
-def scan_checkpoints(root: str | Path) -> tuple[list[CheckpointInfo], list[UnreadableCheckpoint]]:
+def scan_checkpoints(
+    root: str | Path, include_snapshots: bool = False
+) -> tuple[list[CheckpointInfo], list[UnreadableCheckpoint]]:
     """Every checkpoint folder under `root` (any depth), newest first, and the damaged ones with the reason.
 
-    One bad folder never hides the others: whatever goes wrong reading it is its own entry's reason.
+    One bad folder never hides the others: whatever goes wrong reading it is its own entry's reason. A
+    run's snapshots (`<run>/snapshots/step-*`, see slm/snapshots.py) are left out unless asked for.
     """
     root = Path(root)
     if not root.is_dir():
@@ -203,6 +207,8 @@ def scan_checkpoints(root: str | Path) -> tuple[list[CheckpointInfo], list[Unrea
     found: list[tuple[float, CheckpointInfo]] = []
     bad: list[UnreadableCheckpoint] = []
     for folder in _candidate_folders(root):
+        if not include_snapshots and is_snapshot_path(folder):
+            continue
         try:
             info = read_checkpoint_info(folder)
             found.append(((folder / CONFIG_FILE).stat().st_mtime, info))
@@ -214,6 +220,6 @@ def scan_checkpoints(root: str | Path) -> tuple[list[CheckpointInfo], list[Unrea
     return [info for _, info in found], bad
 
 
-def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
+def list_checkpoints(root: str | Path, include_snapshots: bool = False) -> list[CheckpointInfo]:
     """Every loadable checkpoint folder under `root` (any depth), newest first; damaged ones are skipped."""
-    return scan_checkpoints(root)[0]
+    return scan_checkpoints(root, include_snapshots)[0]

@@ -303,3 +303,43 @@ def logit_lens_figure(rows: Sequence[LensRow], position: int, token: str) -> Fig
     ax.set_title(f"logit lens after “{visible(token)}” (position {position})\nthe prediction read out at each depth",
                  fontsize=FONT)
     return fig
+
+
+# ----- watching a run learn ---------------------------------------------------------------------
+def learning_figure(
+    steps: Sequence[int], text_losses: Sequence[float], metrics: Iterable[dict[str, Any]], current_step: int | None,
+    text_label: str = "this text",
+) -> Figure:
+    """The text's loss at each snapshot beside the run's training curve, the current snapshot marked.
+
+    Both against the optimizer step on a symmetric-log axis, so that the dense early snapshots
+    (0, 10, 20, 50, ...) are as far apart as the late ones.
+    """
+    figure = _new_figure(11.0, 3.6)
+    left, right = figure.subplots(1, 2, sharex=True)
+    left.plot(steps, text_losses, color="tab:red", marker="o", markersize=4, linewidth=1.5)
+    left.set_title(f"{text_label}: loss at each snapshot", fontsize=SMALL)
+    curves = loss_curves(metrics, x="step")
+    for name, color in (("train", "tab:blue"), ("val", "tab:orange")):
+        xs, ys = curves[name]
+        if ys:
+            right.plot(xs, ys, color=color, linewidth=1.2, marker="o" if name == "val" else None, markersize=3,
+                       label="train" if name == "train" else "validation")
+    if curves["train"][1] or curves["val"][1]:
+        right.legend(fontsize=SMALL)
+    right.set_title("the run's training curve", fontsize=SMALL)
+    for axes in (left, right):
+        axes.set_xscale("symlog", linthresh=10)
+        axes.xaxis.set_major_formatter(EngFormatter())
+        axes.set_xlabel("optimizer step", fontsize=SMALL)
+        axes.set_ylabel("loss (nats)", fontsize=SMALL)
+        axes.grid(True, alpha=0.3)
+        if current_step is not None:
+            axes.axvline(current_step, color="black", linestyle="--", linewidth=1.2)
+    if current_step is not None and current_step in steps:
+        i = list(steps).index(current_step)
+        left.plot([current_step], [text_losses[i]], marker="o", markersize=11, markerfacecolor="none",
+                  markeredgecolor="black", markeredgewidth=2)
+        left.annotate(f"step {current_step:,}: {text_losses[i]:.2f}", (current_step, text_losses[i]),
+                      textcoords="offset points", xytext=(8, 8), fontsize=SMALL)
+    return figure

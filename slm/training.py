@@ -65,6 +65,7 @@ from .optim import (
 )
 from .paths import open_append_nofollow, write_text_nofollow
 from .sampling import generate
+from .snapshots import keep_snapshot
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
 
@@ -459,6 +460,12 @@ class Trainer:
             self.on_save(self.run_dir)
         return folder
 
+    def keep_snapshot(self, last: bool = False) -> None:
+        """Weights at the planned snapshot steps (0, 10, 20, 50, 100, ... and the last): see slm/snapshots.py."""
+        if self.dist.is_main:
+            keep_snapshot(self.run_dir, self.model, self.step, self.config.max_steps,
+                          self.step * self.tokens_per_step, self.metadata(self.last_val_loss), last=last)
+
     def emit(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
@@ -700,6 +707,7 @@ class Trainer:
         if c.max_time is not None:
             self.next_eval_s = self.elapsed_before + c.max_time / 10
         stopped = False
+        self.keep_snapshot()  # step 0: the initial weights, before any update
         try:
             while c.max_steps is None or self.step < c.max_steps:
                 if self.step == self.start_step and self.time_is_up():  # resumed with its budget spent
@@ -725,6 +733,7 @@ class Trainer:
                 if (save_due or self.best_pending) and not final:
                     self.save_latest()
                     self.save_best_if_pending()
+                self.keep_snapshot()
                 if final:
                     break
                 if self.interval_steps == 0:  # a record was just written: time the next interval from here
@@ -734,6 +743,7 @@ class Trainer:
                 self.bar.close()
         checkpoint = self.save_latest()
         self.save_best_if_pending()
+        self.keep_snapshot(last=True)
         reason = "stopped" if stopped else "finished"
         self.emit({"kind": "end", "reason": reason, "step": self.step, "tokens": self.step * self.tokens_per_step,
                    "checkpoint": str(checkpoint), "elapsed_s": self.elapsed(), "val_loss": self.last_val_loss,

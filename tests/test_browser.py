@@ -6,6 +6,7 @@ missing browser fails. A failing step leaves a screenshot in test-artifacts/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -175,3 +176,50 @@ def test_training_in_the_page(page):
     with step(page, "new-checkpoint-in-picker"):
         page.locator("#model-picker input").click()
         page.get_by_role("option", name=re.compile(r"tiny-[0-9-]+.latest")).first.wait_for()
+
+
+def test_watch_it_learn_in_the_page(page, app):
+    import torch
+
+    from slm import build_model, load_tokenizer
+    from slm.snapshots import save_snapshot
+
+    text = "The cat sat on the mat. The dog sat on the log."
+    run = app["root"] / "checkpoints" / "watched"
+    model = build_model(playground_config(), seed=0)
+    save_snapshot(run, model, 0, 0)
+    tokenizer = load_tokenizer()
+    ids = torch.tensor([[tokenizer.eot_id, *tokenizer.encode(text)]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):  # learn the text itself, so that the later snapshot predicts it well
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_snapshot(run, model, 10, 10 * ids.shape[1])
+    colours = "els => els.map(e => getComputedStyle(e).backgroundColor)"
+    with step(page, "open"):
+        open_tab(page, "Watch it learn")
+        page.click("#watch-refresh")
+        page.locator("#watch-run input").fill("watched")
+        page.locator("#watch-run input").press("Enter")
+        page.locator("#watch-text textarea").fill(text)
+        page.click("#watch-button")  # scores the text with every snapshot: slow on a busy CPU
+        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for(timeout=240_000)
+        page.locator("#watch-curves img").wait_for(state="visible")
+        page.locator("#watch-candidates img").wait_for(state="visible")
+        at_ten = page.eval_on_selector_all("#watch-tokens .score-token", colours)
+        assert len(at_ten) >= 12
+    with step(page, "slider"):
+        number = page.locator("#watch-slider input[type=number]")
+        number.fill("0")
+        number.press("Enter")
+        page.locator("#watch-status").get_by_text("step 0 of 10").wait_for(timeout=120_000)
+        page.wait_for_function(
+            "prev => JSON.stringify([...document.querySelectorAll('#watch-tokens .score-token')]"
+            ".map(e => getComputedStyle(e).backgroundColor)) !== prev", arg=json.dumps(at_ten), timeout=120_000
+        )
+        at_zero = page.eval_on_selector_all("#watch-tokens .score-token", colours)
+        assert len(at_zero) == len(at_ten) and at_zero != at_ten
+    with step(page, "play"):
+        page.click("#watch-play")
+        page.locator("#watch-status").get_by_text("step 10 of 10").wait_for(timeout=120_000)

@@ -14,6 +14,7 @@ from .inspect_tab import build_inspect_tab
 from .models import ModelPicker, ModelRegistry, usable_key
 from .step_tab import build_step_tab
 from .train_tab import build_train_tab
+from .watch_tab import build_watch_tab
 
 TITLE = "slm-playground"
 CSS = """
@@ -46,6 +47,8 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
                 build_step_tab(picker, step_tab)
             with gr.Tab("Inspect", id="inspect"):
                 build_inspect_tab(picker)
+            with gr.Tab("Watch it learn", id="watch"):
+                build_watch_tab(settings)
             with gr.Tab("Train", id="train"):
                 build_train_tab(picker, settings, manager)
         picker.wire()

@@ -25,7 +25,9 @@ from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
 from slm.training import SAMPLES_FILE, read_metrics
 
 from .common import AppSettings, allowed_path, integer, number, user_errors
+from .inspect_tab import DEFAULT_TEXT as WATCH_TEXT
 from .models import ModelPicker
+from .watch_tab import newest_snapshot_view
 
 HUB_SOURCE = "TinyStories from the Hugging Face hub"
 FILE_SOURCE = "A file in the data folder"
@@ -205,6 +207,13 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         loss_plot = gr.Plot(label="Loss", show_label=False, elem_id="train-loss")
         sample = gr.Textbox(label="Latest samples (greedy and sampled) and the step they come from", lines=10,
                             elem_id="train-sample", elem_classes=["big-text"])
+    with gr.Accordion("Watch a text learn: the text at the run's newest snapshot", open=False):
+        live_text = gr.Textbox(WATCH_TEXT, lines=2, label="Text", elem_id="train-watch-text")
+        live_info = gr.Markdown(elem_id="train-watch-info")
+        live_tokens = gr.HighlightedText(show_legend=False, show_inline_category=False, combine_adjacent=False,
+                                         label="each token coloured by its probability", elem_id="train-watch-tokens",
+                                         elem_classes=["big-text"])
+    live_seen = gr.State(None)
     status_json = gr.JSON(visible=False)
     seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
     timer = gr.Timer(POLL_SECONDS)
@@ -312,6 +321,13 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         gr.Info(f"Saved as {relative} in the data folder.")
         return relative, FILE_SOURCE
 
+    @user_errors
+    def watch_newest(text: str, last: tuple | None):
+        seen_now, line, highlighted = newest_snapshot_view(manager.status().run_dir, text, settings, last)
+        return seen_now, line or gr.skip(), gr.skip() if highlighted is None else highlighted
+
+    timer.tick(watch_newest, [live_text, live_seen], [live_seen, live_info, live_tokens], api_visibility="private",
+               show_progress="hidden")
     train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context, minutes, init_from_box]
     start.click(start_training, train_inputs, message, api_name="start_training")
     stop.click(stop_training, None, message, api_name="stop_training")
