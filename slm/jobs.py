@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resume_config
-from .training import METRICS_FILE
+from .training import METRICS_FILE, PROGRESS_FILE
 
 JOB_FILE = "job.json"
 LOG_FILE = "worker.log"
@@ -89,6 +89,15 @@ class MetricsTail:
                 continue
         self._offset += end
         return self.records
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    """The training loop's heartbeat (progress.json), or None when absent or unreadable."""
+    try:
+        record = json.loads((run_dir / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def _pid_alive(pid: int, run_dir: Path) -> bool:
@@ -310,6 +319,12 @@ class TrainingManager:
                 ended = record if session else ended
             elif kind == "error" and session:
                 error = record
+        progress = read_progress(self._run_dir)
+        if progress is not None and progress.get("time", 0) >= self._launched_at - 1.0 and progress["step"] > s.step:
+            # between two metrics records: the heartbeat's step, tokens, time and running loss
+            s.step, s.tokens = progress["step"], progress.get("tokens", s.tokens)
+            s.elapsed_s = progress.get("elapsed_s", s.elapsed_s)
+            s.train_loss = progress.get("train_loss", s.train_loss)
         if alive:
             if self._stop_requested:
                 s.state, s.message = "stopping", "stopping: finishing the current step and saving"

@@ -14,6 +14,7 @@ from .generate_tab import build_generate_tab
 from .inspect_tab import build_inspect_tab
 from .models import ModelPicker, ModelRegistry
 from .step_tab import build_step_tab
+from .tokens_tab import build_tokens_tab
 from .train_tab import build_train_tab
 
 TITLE = "slm-playground"
@@ -23,6 +24,28 @@ CSS = """
 .prob-bar { display: inline-block; width: 12em; height: 1.1em; border: 1px solid #888; border-radius: 3px;
             background: linear-gradient(to right, rgba(239, 68, 60, 0), rgba(239, 68, 60, 1)); }
 .prob-note { opacity: .75; }
+.app-title h1 { font-size: 1.5rem !important; margin: 0 !important; }
+.app-title p { margin: 0 !important; }
+/* Step by step, for a projector: large type, the distribution as HTML bars */
+.step-story .textfield { max-height: 9.5em; overflow-y: auto; }
+.step-announce { font-size: 1.35rem; min-height: 1.8em; }
+.big-button { font-size: 1.3rem !important; }
+.step-help { font-size: .95rem; opacity: .85; }
+.dist { font-size: 1.2rem; }
+.dist-row { display: grid; grid-template-columns: 1.6em minmax(5em, 9em) 1fr 1fr; gap: .5em; align-items: center;
+            padding: 1px 0; }
+.dist-head { font-size: .95rem; opacity: .8; }
+.dist-rank { opacity: .6; text-align: right; }
+.dist-token { font-family: ui-monospace, monospace; font-weight: 600; white-space: pre; overflow: hidden;
+              text-overflow: ellipsis; }
+.dist-bar { position: relative; height: 1.5em; background: rgba(128, 128, 128, .12); border-radius: 3px; }
+.dist-bar i { position: absolute; left: 0; top: 0; bottom: 0; border-radius: 3px; }
+.dist-bar.model i { background: #3b75af; }
+.dist-bar.sampler i { background: #e8892b; }
+.dist-bar b { position: relative; padding-left: .35em; font-weight: 600; line-height: 1.5em;
+              text-shadow: 0 0 3px var(--background-fill-primary), 0 0 3px var(--background-fill-primary); }
+.dist-row.cut .dist-token, .dist-row.cut .sampler b { opacity: .4; text-decoration: line-through; }
+.dist-foot { font-size: .95rem; opacity: .8; margin-top: .2em; }
 """
 
 
@@ -36,24 +59,29 @@ def build_app(settings: AppSettings, manager: TrainingManager | None = None) -> 
     tokenizer = load_tokenizer()
     registry = ModelRegistry(settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        note = " · **public demo**: training, uploads and Hub downloads are off" if settings.demo else ""
         gr.Markdown(
-            f"# {TITLE}\nA Gemma 3-style small language model, built from scratch: generate, look inside, train."
+            f"# {TITLE}\nA Gemma 3-style small language model, built from scratch: generate, look inside, "
+            f"train.{note}", elem_classes=["app-title"],
         )
         picker = ModelPicker(registry)
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 build_generate_tab(picker, tokenizer)
+            with gr.Tab("Tokens", id="tokens") as tokens_tab:
+                build_tokens_tab(picker, tokenizer, tokens_tab)
             with gr.Tab("Step by step", id="step") as step_tab:
                 build_step_tab(picker, tokenizer, step_tab)
             with gr.Tab("Inspect", id="inspect"):
                 build_inspect_tab(picker, tokenizer)
-            with gr.Tab("Train", id="train"):
-                build_train_tab(picker, settings, manager)
+            with gr.Tab("Train", id="train") as train_tab:
+                build_train_tab(picker, settings, manager, train_tab)
         picker.wire()
 
         def start_session():
+            """A new visitor gets the configured model, else the best checkpoint of the latest real run."""
             entries = registry.entries()
-            key = entries[0].key
+            key = registry.default_key(entries)
             return key, gr.Dropdown(choices=[(e.label, e.key) for e in entries], value=key), registry.describe(key)
 
         demo.load(start_session, None, [picker.state, picker.dropdown, picker.description], api_visibility="private")

@@ -1,17 +1,21 @@
 """Step-by-step tab, for lectures: one token per click, with the distribution it is drawn from.
 
-The bar chart shows the model's next-token distribution beside the one the sampler draws from
-after temperature, top-k and top-p. The presenter samples, or picks any candidate instead.
+Laid out for a projector (1280x720): the text and the buttons on the left, the distribution (drawn
+by the browser as HTML bars, so it stays sharp and large) and the sampling controls on the right,
+all on one screen. Every draw is announced with its probability and rank, and the text can be
+coloured by the probability each token had when it was chosen.
 """
 
 from __future__ import annotations
+
+import html
 
 import gradio as gr
 import torch
 
 from slm import Tokenizer
-from slm.inspection import next_token_logits, sampling_view
-from slm.plots import percent, sampling_bars, visible
+from slm.inspection import SamplingView, TokenChoice, next_token_logits, sampling_view, token_choice
+from slm.plots import describe_settings, percent
 from slm.sampling import sample_next
 
 from .common import gpu, integer, user_errors
@@ -21,78 +25,151 @@ from .models import ModelPicker
 CANDIDATES = 10
 SAMPLED, CHOSEN = "sampled", "chosen by you"
 
+# (label, explanation shown beside the control, short note shown when the presenter hides explanations)
+TEMPERATURE_HELP = ("Divides the logits before the softmax: below 1 sharpens the distribution, above 1 "
+                    "flattens it; 0 always takes the most likely token.", "0 = greedy")
+TOP_K_HELP = ("Keeps only the k most likely tokens, then renormalises (0 = keep all).", "0 = off")
+TOP_P_HELP = ("Keeps the smallest set of most likely tokens whose probabilities add up to p (1 = keep all).",
+              "1 = off")
+SEED_HELP = ("The same seed and text give the same draw; -1 draws differently every time.", "-1 = random")
+CHART_HELP = (
+    "**Left bars**: the model's own probabilities. **Right bars**: what the sampler draws from after "
+    "temperature, top-k and top-p (greyed: filtered out). **Entropy** measures the uncertainty in nats: "
+    "e^entropy is the number of equally likely tokens that would be as uncertain. "
+    "**␣** is a space and **↵** a new line: most words are one token that starts with its space."
+)
+
+
+def show_token(token: str) -> str:
+    """A token for the screen: spaces, new lines and tabs made visible, HTML escaped."""
+    return html.escape(token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥"))
+
+
+def distribution_html(view: SamplingView) -> str:
+    """The candidates as rows of HTML bars: the model's probability beside the sampler's, on one scale."""
+    top = max([c.probability for c in view.candidates] + [c.sampling_probability for c in view.candidates] + [1e-9])
+    rows = []
+    for rank, c in enumerate(view.candidates, start=1):
+        cut = " cut" if c.sampling_probability == 0 else ""
+        rows.append(
+            f'<div class="dist-row{cut}"><span class="dist-rank">{rank}</span>'
+            f'<span class="dist-token">{show_token(c.text)}</span>'
+            f'<span class="dist-bar model"><i style="width:{100 * c.probability / top:.1f}%"></i>'
+            f"<b>{percent(c.probability)}</b></span>"
+            f'<span class="dist-bar sampler"><i style="width:{100 * c.sampling_probability / top:.1f}%"></i>'
+            f"<b>{percent(c.sampling_probability)}</b></span></div>"
+        )
+    head = (
+        '<div class="dist-row dist-head"><span></span><span>next token</span>'
+        f"<span>model · entropy {view.entropy:.2f}</span>"
+        f"<span>sampler · entropy {view.sampling_entropy:.2f}</span></div>"
+    )
+    foot = (
+        f'<div class="dist-foot">sampler: {html.escape(describe_settings(view.temperature, view.top_k, view.top_p))}'
+        f" · {view.tokens_kept:,} tokens can be drawn</div>"
+    )
+    return f'<div class="dist">{head}{"".join(rows)}{foot}</div>'
+
+
+def announce(verb: str, token: str, choice: TokenChoice) -> str:
+    """'Drew ␣girl: 20.1%, rank 2' (with the model's own probability when the settings changed it)."""
+    text = f"{verb} **{show_token(token)}**: {percent(choice.sampling_probability)}, rank {choice.rank}"
+    if abs(choice.sampling_probability - choice.probability) > 5e-4:
+        text += f" (the model alone: {percent(choice.probability)})"
+    return text
+
 
 def new_story(tokenizer: Tokenizer, prompt: str) -> dict:
     ids = tokenizer.encode(prompt or "")
     if not ids:
         gr.Warning("The prompt is empty: starting from the end-of-text token.")
         ids = [tokenizer.eot_id]
-    return {"prompt": prompt, "ids": ids, "kinds": [None] * len(ids)}
+    return {"prompt": prompt, "ids": ids, "kinds": [None] * len(ids), "probs": [None] * len(ids), "last": ""}
 
 
 def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> None:
     registry = picker.registry
-    gr.Markdown(
-        "Build a text one token at a time. Left: the model's probabilities for the next token. Right: what the "
-        "sampler draws from after temperature, top-k and top-p. **Sample** draws from the right-hand side; "
-        "or choose a candidate and press **Use this token**."
-    )
-    with gr.Row():
-        prompt_box = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=4, elem_id="step-prompt")
-        start = gr.Button("Start over", scale=1)
-    with gr.Row():
-        temperature_slider = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", info="0 = greedy")
-        top_k_slider = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
-        top_p_slider = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p", info="1 = off")
-        seed_box = gr.Number(value=0, precision=0, label="Seed", info="-1 = a different draw every time")
-    story = gr.HighlightedText(
-        label="Text so far", color_map={SAMPLED: "#f4a259", CHOSEN: "#5cb85c"}, show_legend=True,
-        show_inline_category=False, combine_adjacent=False, elem_id="step-story", elem_classes=["big-text"],
-    )
-    with gr.Row():
-        sample = gr.Button("Sample next token", variant="primary", elem_id="step-sample")
-        choice_radio = gr.Radio(label="…or choose the next token (model → sampler probability)", scale=3,
-                                elem_id="step-choice")
-        pick = gr.Button("Use this token", elem_id="step-pick")
-        undo = gr.Button("Undo")
-    info = gr.Markdown(elem_id="step-info")
-    chart = gr.Plot(label="Next-token distribution", show_label=False, elem_id="step-chart")
+    with gr.Row(equal_height=False, elem_id="step-layout"):
+        with gr.Column(scale=5, min_width=420):
+            with gr.Row(equal_height=True):
+                prompt_box = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=4, elem_id="step-prompt",
+                                        elem_classes=["big-text"])
+                start = gr.Button("Start over", scale=1, min_width=100, elem_id="step-start")
+            story = gr.HighlightedText(
+                label="Text so far (new tokens coloured by the probability they had: darker = likelier)",
+                color_map={SAMPLED: "#f4a259", CHOSEN: "#5cb85c"}, show_legend=False,
+                show_inline_category=False, combine_adjacent=False, elem_id="step-story",
+                elem_classes=["big-text", "step-story"],
+            )
+            info = gr.Markdown(elem_id="step-info", elem_classes=["step-announce"])
+            with gr.Row(equal_height=True):
+                sample = gr.Button("Sample next token", variant="primary", scale=3, elem_id="step-sample",
+                                   elem_classes=["big-button"])
+                undo = gr.Button("Undo", scale=1, min_width=80, elem_id="step-undo")
+            with gr.Row(equal_height=True):
+                choice_radio = gr.Radio(label="…or choose the next token yourself", scale=4, elem_id="step-choice",
+                                        elem_classes=["step-choice"])
+                pick = gr.Button("Use this token", scale=1, min_width=100, elem_id="step-pick")
+        with gr.Column(scale=6, min_width=480):
+            chart = gr.HTML(elem_id="step-chart")
+            with gr.Row(equal_height=True):
+                temperature_slider = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature",
+                                               info=TEMPERATURE_HELP[0], elem_id="step-temperature")
+                top_k_slider = gr.Slider(0, 200, value=0, step=1, label="Top-k", info=TOP_K_HELP[0],
+                                         elem_id="step-top-k")
+                top_p_slider = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p", info=TOP_P_HELP[0],
+                                         elem_id="step-top-p")
+            with gr.Row(equal_height=True):
+                seed_box = gr.Number(value=0, precision=0, label="Seed", info=SEED_HELP[0], min_width=120,
+                                     elem_id="step-seed")
+                with gr.Column(min_width=160):
+                    colour_box = gr.Checkbox(True, label="Colour the text by probability", elem_id="step-colour")
+                    explain_box = gr.Checkbox(True, label="Explanations", elem_id="step-explain")
+            chart_help = gr.Markdown(CHART_HELP, elem_id="step-help", elem_classes=["step-help"])
     state = gr.State(None)
 
-    def view(story_state: dict, temperature, top_k, top_p, model_key):
+    def segments(story_state: dict, colour: bool) -> list[tuple[str, float | str | None]]:
+        strings = tokenizer.token_strings(story_state["ids"])
+        if colour:
+            return list(zip(strings, story_state["probs"], strict=True))
+        return list(zip(strings, story_state["kinds"], strict=True))
+
+    def view(story_state: dict, temperature, top_k, top_p, model_key, colour=True):
         """Everything the tab shows for the current text and settings."""
         model = registry.get(model_key)
         settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
         logits = next_token_logits(model, story_state["ids"])
         step_view = sampling_view(logits, tokenizer, settings.temperature, settings.top_k, settings.top_p,
                                   CANDIDATES)
-        strings = tokenizer.token_strings(story_state["ids"])
-        segments = [(s, k) for s, k in zip(strings, story_state["kinds"], strict=True)]
-        choices = [
-            (f"{visible(c.text)}   {percent(c.probability)} → {percent(c.sampling_probability)}", str(c.token_id))
-            for c in step_view.candidates
-        ]
+        choices = [(f"{rank} {show_token(c.text)}", str(c.token_id))
+                   for rank, c in enumerate(step_view.candidates, start=1)]
         generated = sum(k is not None for k in story_state["kinds"])
-        text = (f"{generated} token{'' if generated == 1 else 's'} added · "
-                f"{step_view.tokens_kept:,} tokens could be drawn next")
-        return story_state, segments, sampling_bars(step_view), gr.Radio(choices=choices, value=None), text
+        counts = f"{generated} token{'' if generated == 1 else 's'} added"
+        text = f"{story_state['last']} · {counts}" if story_state.get("last") else counts
+        return (story_state, segments(story_state, colour is not False), distribution_html(step_view),
+                gr.Radio(choices=choices, value=None), text)
 
-    def append(story_state: dict, token_id: int, kind: str) -> dict:
-        return {**story_state, "ids": [*story_state["ids"], token_id], "kinds": [*story_state["kinds"], kind]}
-
-    @gpu
-    @user_errors
-    def restart(prompt, temperature, top_k, top_p, model_key):
-        return view(new_story(tokenizer, prompt), temperature, top_k, top_p, model_key)
-
-    @gpu
-    @user_errors
-    def refresh(prompt, temperature, top_k, top_p, story_state, model_key):
-        return view(story_state or new_story(tokenizer, prompt), temperature, top_k, top_p, model_key)
+    def append(story_state: dict, logits: torch.Tensor, token: int, kind: str, settings) -> dict:
+        choice = token_choice(logits, token, settings.temperature, settings.top_k, settings.top_p)
+        token_text = tokenizer.token_strings([token])[0]
+        last = announce("Drew" if kind == SAMPLED else "You chose", token_text, choice)
+        return {**story_state, "ids": [*story_state["ids"], token], "kinds": [*story_state["kinds"], kind],
+                "probs": [*story_state.get("probs", [None] * len(story_state["ids"])), choice.sampling_probability],
+                "last": last}
 
     @gpu
     @user_errors
-    def sample_one(prompt, temperature, top_k, top_p, seed, story_state, model_key):
+    def restart(prompt, temperature, top_k, top_p, model_key, colour=True):
+        return view(new_story(tokenizer, prompt), temperature, top_k, top_p, model_key, colour)
+
+    @gpu
+    @user_errors
+    def refresh(prompt, temperature, top_k, top_p, story_state, model_key, colour=True):
+        return view(story_state or new_story(tokenizer, prompt), temperature, top_k, top_p, model_key, colour)
+
+    @gpu
+    @user_errors
+    def sample_one(prompt, temperature, top_k, top_p, seed, story_state, model_key, colour=True):
         story_state = story_state or new_story(tokenizer, prompt)
         settings = read_settings(1, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         model = registry.get(model_key)
@@ -100,38 +177,56 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         if settings.seed is not None:  # reproducible: the same seed and text give the same draw
             generator = torch.Generator(device=model.device)
             generator.manual_seed(settings.seed * 1_000_003 + len(story_state["ids"]))
-        logits = next_token_logits(model, story_state["ids"])[None]
-        token = int(sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator)[0])
-        return view(append(story_state, token, SAMPLED), temperature, top_k, top_p, model_key)
+        logits = next_token_logits(model, story_state["ids"])
+        token = int(sample_next(logits[None], settings.temperature, settings.top_k, settings.top_p, generator)[0])
+        story_state = append(story_state, logits, token, SAMPLED, settings)
+        return view(story_state, temperature, top_k, top_p, model_key, colour)
 
     @gpu
     @user_errors
-    def pick_one(prompt, temperature, top_k, top_p, chosen, story_state, model_key):
+    def pick_one(prompt, temperature, top_k, top_p, chosen, story_state, model_key, colour=True):
         if chosen is None or chosen == "":
             raise gr.Error("Choose one of the candidate tokens first.")
         token = integer(chosen, "token id", 0, tokenizer.vocab_size - 1)
         story_state = story_state or new_story(tokenizer, prompt)
-        return view(append(story_state, token, CHOSEN), temperature, top_k, top_p, model_key)
+        settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
+        logits = next_token_logits(registry.get(model_key), story_state["ids"])
+        story_state = append(story_state, logits, token, CHOSEN, settings)
+        return view(story_state, temperature, top_k, top_p, model_key, colour)
 
     @gpu
     @user_errors
-    def undo_one(prompt, temperature, top_k, top_p, story_state, model_key):
+    def undo_one(prompt, temperature, top_k, top_p, story_state, model_key, colour=True):
         story_state = story_state or new_story(tokenizer, prompt)
         if story_state["kinds"] and story_state["kinds"][-1] is not None:
-            story_state = {**story_state, "ids": story_state["ids"][:-1], "kinds": story_state["kinds"][:-1]}
-        return view(story_state, temperature, top_k, top_p, model_key)
+            removed = tokenizer.token_strings(story_state["ids"][-1:])[0]
+            story_state = {**story_state, "ids": story_state["ids"][:-1], "kinds": story_state["kinds"][:-1],
+                           "probs": story_state["probs"][:-1], "last": f"Took back **{show_token(removed)}**"}
+        return view(story_state, temperature, top_k, top_p, model_key, colour)
+
+    def explain(on: bool):
+        pick_text = 0 if on else 1
+        return (
+            gr.Slider(info=TEMPERATURE_HELP[pick_text]), gr.Slider(info=TOP_K_HELP[pick_text]),
+            gr.Slider(info=TOP_P_HELP[pick_text]), gr.Number(info=SEED_HELP[pick_text]), gr.Markdown(visible=on),
+        )
 
     settings_inputs = [temperature_slider, top_k_slider, top_p_slider]
     outputs = [state, story, chart, choice_radio, info]
-    start.click(restart, [prompt_box, *settings_inputs, picker.state], outputs, api_name="step_start")
-    prompt_box.submit(restart, [prompt_box, *settings_inputs, picker.state], outputs, api_visibility="private")
-    sample.click(sample_one, [prompt_box, *settings_inputs, seed_box, state, picker.state], outputs,
+    start.click(restart, [prompt_box, *settings_inputs, picker.state, colour_box], outputs, api_name="step_start")
+    prompt_box.submit(restart, [prompt_box, *settings_inputs, picker.state, colour_box], outputs,
+                      api_visibility="private")
+    sample.click(sample_one, [prompt_box, *settings_inputs, seed_box, state, picker.state, colour_box], outputs,
                  api_name="step_sample")
-    pick.click(pick_one, [prompt_box, *settings_inputs, choice_radio, state, picker.state], outputs,
+    pick.click(pick_one, [prompt_box, *settings_inputs, choice_radio, state, picker.state, colour_box], outputs,
                api_name="step_pick")
-    undo.click(undo_one, [prompt_box, *settings_inputs, state, picker.state], outputs, api_name="step_undo")
+    undo.click(undo_one, [prompt_box, *settings_inputs, state, picker.state, colour_box], outputs,
+               api_name="step_undo")
+    refresh_inputs = [prompt_box, *settings_inputs, state, picker.state, colour_box]
     # opening the tab shows the distribution straight away (and keeps a story already begun)
-    tab.select(refresh, [prompt_box, *settings_inputs, state, picker.state], outputs, api_visibility="private")
-    for slider in settings_inputs:
-        slider.release(refresh, [prompt_box, *settings_inputs, state, picker.state], outputs,
-                       api_visibility="private")
+    tab.select(refresh, refresh_inputs, outputs, api_visibility="private")
+    # .change fires on every way of setting a slider: dragging, typing plus Enter, the arrow keys
+    for control in [*settings_inputs, colour_box]:
+        control.change(refresh, refresh_inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                       show_progress="hidden")
+    explain_box.change(explain, explain_box, [*settings_inputs, seed_box, chart_help], api_visibility="private")
