@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,8 +172,12 @@ class TrainingManager:
             run_dir = self._new_run_dir(config)
             config = TrainConfig.from_dict({**config.to_dict(), "out": str(run_dir), "resume": False})
             run_dir.mkdir(parents=True, exist_ok=False)
-            config.save(run_dir / RUN_CONFIG_FILE)
-            self._launch(run_dir, config)
+            try:
+                config.save(run_dir / RUN_CONFIG_FILE)
+                self._launch(run_dir, config)
+            except BaseException:  # a start that failed leaves no empty run folder behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
             return run_dir
 
     def resume(self, run_dir: Path, max_steps: int | None = None) -> Path:

@@ -238,21 +238,21 @@ def checkpoint_table(entries: list[ModelEntry], default: str) -> list[dict]:
 class ModelPicker:
     """The picker row above the tabs; `state` holds this session's choice (None: the default)."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, heading: str | None = None) -> None:
         self.registry = registry
         entries = registry.entries()
         default = registry.default_key(entries)
-        with gr.Row(equal_height=True):
+        if heading:
+            gr.Markdown(heading, elem_classes=["app-title"])
+        with gr.Row(equal_height=True, elem_classes=["picker-row"]):
             self.dropdown = gr.Dropdown(
-                choices=[(e.label, e.key) for e in entries], value=default, label="Model",
-                info="Each run's best and latest checkpoint, newest run first (or type a folder inside the "
-                     "checkpoint folder)",
-                allow_custom_value=True, scale=5, elem_id="model-picker",
+                choices=[(e.label, e.key) for e in entries], value=default, label="Model", container=False,
+                allow_custom_value=True, scale=6, elem_id="model-picker",
             )
-            self.refresh = gr.Button("↻ Refresh", scale=0, min_width=110)
-            self.hub_repo = gr.Textbox(label="…or a Hub repo id (transformers Gemma 3)", placeholder="owner/name",
-                                       scale=2)
-            self.hub_button = gr.Button("Download", scale=0, min_width=110)
+            self.hub_repo = gr.Textbox(label="Hub repo", placeholder="…or a Hub repo id (transformers Gemma 3)",
+                                       container=False, scale=3, elem_id="hub-repo")
+            self.hub_button = gr.Button("Download", size="sm", scale=0, min_width=110, elem_id="hub-download")
+            self.refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110, elem_id="model-refresh")
         self.description = gr.Markdown(registry.describe(default), elem_id="model-description")
         self.catalogue = gr.JSON(visible=False, label="checkpoints")
         self.state = gr.State(None)

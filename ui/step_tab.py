@@ -22,21 +22,20 @@ from .common import gpu, integer, user_errors
 from .generate_tab import DEFAULT_PROMPT, read_settings
 from .models import ModelPicker
 
-CANDIDATES = 10
+CANDIDATES = 8  # as many as fit beside the controls on a 1280x720 projector
 SAMPLED, CHOSEN = "sampled", "chosen by you"
 
 # (label, explanation shown beside the control, short note shown when the presenter hides explanations)
-TEMPERATURE_HELP = ("Divides the logits before the softmax: below 1 sharpens the distribution, above 1 "
-                    "flattens it; 0 always takes the most likely token.", "0 = greedy")
-TOP_K_HELP = ("Keeps only the k most likely tokens, then renormalises (0 = keep all).", "0 = off")
-TOP_P_HELP = ("Keeps the smallest set of most likely tokens whose probabilities add up to p (1 = keep all).",
-              "1 = off")
-SEED_HELP = ("The same seed and text give the same draw; -1 draws differently every time.", "-1 = random")
+CONTROLS_HELP = (  # beside each control, in the same columns; the presenter can hide them
+    '<div class="step-help">'
+    "<span><b>Temperature</b> divides the logits: below 1 sharper, above 1 flatter, 0 = the top token</span>"
+    "<span><b>Top-k</b> keeps the k likeliest tokens (0 = all)</span>"
+    "<span><b>Top-p</b> keeps the likeliest tokens until they add up to p (1 = all)</span>"
+    "<span><b>Seed</b>: same seed, same draw (-1 = new)</span></div>"
+)
 CHART_HELP = (
-    "**Left bars**: the model's own probabilities. **Right bars**: what the sampler draws from after "
-    "temperature, top-k and top-p (greyed: filtered out). **Entropy** measures the uncertainty in nats: "
-    "e^entropy is the number of equally likely tokens that would be as uncertain. "
-    "**␣** is a space and **↵** a new line: most words are one token that starts with its space."
+    "<b>entropy</b>: the uncertainty, in nats (e<sup>entropy</sup> equally likely tokens would be as uncertain) · "
+    "<b>␣</b> a space, <b>↵</b> a new line · struck out: filtered away by top-k / top-p"
 )
 
 
@@ -45,7 +44,7 @@ def show_token(token: str) -> str:
     return html.escape(token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥"))
 
 
-def distribution_html(view: SamplingView) -> str:
+def distribution_html(view: SamplingView, explain: bool = True) -> str:
     """The candidates as rows of HTML bars: the model's probability beside the sampler's, on one scale."""
     top = max([c.probability for c in view.candidates] + [c.sampling_probability for c in view.candidates] + [1e-9])
     rows = []
@@ -54,20 +53,19 @@ def distribution_html(view: SamplingView) -> str:
         rows.append(
             f'<div class="dist-row{cut}"><span class="dist-rank">{rank}</span>'
             f'<span class="dist-token">{show_token(c.text)}</span>'
-            f'<span class="dist-bar model"><i style="width:{100 * c.probability / top:.1f}%"></i>'
-            f"<b>{percent(c.probability)}</b></span>"
-            f'<span class="dist-bar sampler"><i style="width:{100 * c.sampling_probability / top:.1f}%"></i>'
-            f"<b>{percent(c.sampling_probability)}</b></span></div>"
+            f'<span class="dist-bar model"><i style="width:{100 * c.probability / top:.1f}%"></i></span>'
+            f'<span class="dist-p">{percent(c.probability)}</span>'
+            f'<span class="dist-bar sampler"><i style="width:{100 * c.sampling_probability / top:.1f}%"></i></span>'
+            f'<span class="dist-p">{percent(c.sampling_probability)}</span></div>'
         )
+    settings = html.escape(describe_settings(view.temperature, view.top_k, view.top_p))
     head = (
         '<div class="dist-row dist-head"><span></span><span>next token</span>'
-        f"<span>model · entropy {view.entropy:.2f}</span>"
-        f"<span>sampler · entropy {view.sampling_entropy:.2f}</span></div>"
+        f'<span class="dist-span">model · entropy {view.entropy:.2f}</span>'
+        f'<span class="dist-span" title="{settings}">sampler · entropy {view.sampling_entropy:.2f} · '
+        f"{view.tokens_kept:,} left</span></div>"
     )
-    foot = (
-        f'<div class="dist-foot">sampler: {html.escape(describe_settings(view.temperature, view.top_k, view.top_p))}'
-        f" · {view.tokens_kept:,} tokens can be drawn</div>"
-    )
+    foot = f'<div class="dist-foot">{CHART_HELP}</div>' if explain else ""
     return f'<div class="dist">{head}{"".join(rows)}{foot}</div>'
 
 
@@ -91,41 +89,38 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
     registry = picker.registry
     with gr.Row(equal_height=False, elem_id="step-layout"):
         with gr.Column(scale=5, min_width=420):
-            with gr.Row(equal_height=True):
-                prompt_box = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=4, elem_id="step-prompt",
-                                        elem_classes=["big-text"])
+            with gr.Row(equal_height=True, elem_classes=["step-buttons"]):
+                prompt_box = gr.Textbox(DEFAULT_PROMPT, label="Prompt", container=False, placeholder="Prompt",
+                                        scale=4, elem_id="step-prompt", elem_classes=["big-text"])
                 start = gr.Button("Start over", scale=1, min_width=100, elem_id="step-start")
             story = gr.HighlightedText(
-                label="Text so far (new tokens coloured by the probability they had: darker = likelier)",
-                color_map={SAMPLED: "#f4a259", CHOSEN: "#5cb85c"}, show_legend=False,
+                label="Text so far", color_map={SAMPLED: "#f4a259", CHOSEN: "#5cb85c"}, show_legend=False,
                 show_inline_category=False, combine_adjacent=False, elem_id="step-story",
                 elem_classes=["big-text", "step-story"],
             )
             info = gr.Markdown(elem_id="step-info", elem_classes=["step-announce"])
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=True, elem_classes=["step-buttons"]):
                 sample = gr.Button("Sample next token", variant="primary", scale=3, elem_id="step-sample",
                                    elem_classes=["big-button"])
-                undo = gr.Button("Undo", scale=1, min_width=80, elem_id="step-undo")
-            with gr.Row(equal_height=True):
-                choice_radio = gr.Radio(label="…or choose the next token yourself", scale=4, elem_id="step-choice",
-                                        elem_classes=["step-choice"])
-                pick = gr.Button("Use this token", scale=1, min_width=100, elem_id="step-pick")
+                pick = gr.Button("Use this token", scale=2, min_width=100, elem_id="step-pick")
+                undo = gr.Button("Undo", scale=1, min_width=70, elem_id="step-undo")
+            choice_radio = gr.Radio(label="…or choose the next token yourself, then press Use this token",
+                                    elem_id="step-choice", elem_classes=["step-choice"])
+            with gr.Row(equal_height=True, elem_classes=["step-options"]):
+                colour_box = gr.Checkbox(True, label="Colour by probability", container=False,
+                                         elem_id="step-colour")
+                explain_box = gr.Checkbox(True, label="Explanations", container=False, elem_id="step-explain")
         with gr.Column(scale=6, min_width=480):
             chart = gr.HTML(elem_id="step-chart")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=True, elem_classes=["step-controls"]):
                 temperature_slider = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature",
-                                               info=TEMPERATURE_HELP[0], elem_id="step-temperature")
-                top_k_slider = gr.Slider(0, 200, value=0, step=1, label="Top-k", info=TOP_K_HELP[0],
+                                               buttons=[], elem_id="step-temperature")
+                top_k_slider = gr.Slider(0, 200, value=0, step=1, label="Top-k", buttons=[],
                                          elem_id="step-top-k")
-                top_p_slider = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p", info=TOP_P_HELP[0],
+                top_p_slider = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p", buttons=[],
                                          elem_id="step-top-p")
-            with gr.Row(equal_height=True):
-                seed_box = gr.Number(value=0, precision=0, label="Seed", info=SEED_HELP[0], min_width=120,
-                                     elem_id="step-seed")
-                with gr.Column(min_width=160):
-                    colour_box = gr.Checkbox(True, label="Colour the text by probability", elem_id="step-colour")
-                    explain_box = gr.Checkbox(True, label="Explanations", elem_id="step-explain")
-            chart_help = gr.Markdown(CHART_HELP, elem_id="step-help", elem_classes=["step-help"])
+                seed_box = gr.Number(value=0, precision=0, label="Seed", scale=0, min_width=100, elem_id="step-seed")
+            controls_help = gr.HTML(CONTROLS_HELP, elem_id="step-help")
     state = gr.State(None)
 
     def segments(story_state: dict, colour: bool) -> list[tuple[str, float | str | None]]:
@@ -134,7 +129,7 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
             return list(zip(strings, story_state["probs"], strict=True))
         return list(zip(strings, story_state["kinds"], strict=True))
 
-    def view(story_state: dict, temperature, top_k, top_p, model_key, colour=True):
+    def view(story_state: dict, temperature, top_k, top_p, model_key, colour=True, explain=True):
         """Everything the tab shows for the current text and settings."""
         model = registry.get(model_key)
         settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
@@ -146,30 +141,30 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         generated = sum(k is not None for k in story_state["kinds"])
         counts = f"{generated} token{'' if generated == 1 else 's'} added"
         text = f"{story_state['last']} · {counts}" if story_state.get("last") else counts
-        return (story_state, segments(story_state, colour is not False), distribution_html(step_view),
-                gr.Radio(choices=choices, value=None), text)
+        return (story_state, segments(story_state, colour is not False),
+                distribution_html(step_view, explain is not False), gr.Radio(choices=choices, value=None), text)
 
     def append(story_state: dict, logits: torch.Tensor, token: int, kind: str, settings) -> dict:
         choice = token_choice(logits, token, settings.temperature, settings.top_k, settings.top_p)
         token_text = tokenizer.token_strings([token])[0]
         last = announce("Drew" if kind == SAMPLED else "You chose", token_text, choice)
         return {**story_state, "ids": [*story_state["ids"], token], "kinds": [*story_state["kinds"], kind],
-                "probs": [*story_state.get("probs", [None] * len(story_state["ids"])), choice.sampling_probability],
-                "last": last}
+                "probs": [*story_state["probs"], choice.sampling_probability], "last": last}
 
     @gpu
     @user_errors
-    def restart(prompt, temperature, top_k, top_p, model_key, colour=True):
-        return view(new_story(tokenizer, prompt), temperature, top_k, top_p, model_key, colour)
+    def restart(prompt, temperature, top_k, top_p, model_key, colour=True, explain=True):
+        return view(new_story(tokenizer, prompt), temperature, top_k, top_p, model_key, colour, explain)
 
     @gpu
     @user_errors
-    def refresh(prompt, temperature, top_k, top_p, story_state, model_key, colour=True):
-        return view(story_state or new_story(tokenizer, prompt), temperature, top_k, top_p, model_key, colour)
+    def refresh(prompt, temperature, top_k, top_p, story_state, model_key, colour=True, explain=True):
+        story_state = story_state or new_story(tokenizer, prompt)
+        return view(story_state, temperature, top_k, top_p, model_key, colour, explain)
 
     @gpu
     @user_errors
-    def sample_one(prompt, temperature, top_k, top_p, seed, story_state, model_key, colour=True):
+    def sample_one(prompt, temperature, top_k, top_p, seed, story_state, model_key, colour=True, explain=True):
         story_state = story_state or new_story(tokenizer, prompt)
         settings = read_settings(1, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         model = registry.get(model_key)
@@ -180,11 +175,11 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         logits = next_token_logits(model, story_state["ids"])
         token = int(sample_next(logits[None], settings.temperature, settings.top_k, settings.top_p, generator)[0])
         story_state = append(story_state, logits, token, SAMPLED, settings)
-        return view(story_state, temperature, top_k, top_p, model_key, colour)
+        return view(story_state, temperature, top_k, top_p, model_key, colour, explain)
 
     @gpu
     @user_errors
-    def pick_one(prompt, temperature, top_k, top_p, chosen, story_state, model_key, colour=True):
+    def pick_one(prompt, temperature, top_k, top_p, chosen, story_state, model_key, colour=True, explain=True):
         if chosen is None or chosen == "":
             raise gr.Error("Choose one of the candidate tokens first.")
         token = integer(chosen, "token id", 0, tokenizer.vocab_size - 1)
@@ -192,41 +187,34 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
         logits = next_token_logits(registry.get(model_key), story_state["ids"])
         story_state = append(story_state, logits, token, CHOSEN, settings)
-        return view(story_state, temperature, top_k, top_p, model_key, colour)
+        return view(story_state, temperature, top_k, top_p, model_key, colour, explain)
 
     @gpu
     @user_errors
-    def undo_one(prompt, temperature, top_k, top_p, story_state, model_key, colour=True):
+    def undo_one(prompt, temperature, top_k, top_p, story_state, model_key, colour=True, explain=True):
         story_state = story_state or new_story(tokenizer, prompt)
         if story_state["kinds"] and story_state["kinds"][-1] is not None:
             removed = tokenizer.token_strings(story_state["ids"][-1:])[0]
             story_state = {**story_state, "ids": story_state["ids"][:-1], "kinds": story_state["kinds"][:-1],
                            "probs": story_state["probs"][:-1], "last": f"Took back **{show_token(removed)}**"}
-        return view(story_state, temperature, top_k, top_p, model_key, colour)
-
-    def explain(on: bool):
-        pick_text = 0 if on else 1
-        return (
-            gr.Slider(info=TEMPERATURE_HELP[pick_text]), gr.Slider(info=TOP_K_HELP[pick_text]),
-            gr.Slider(info=TOP_P_HELP[pick_text]), gr.Number(info=SEED_HELP[pick_text]), gr.Markdown(visible=on),
-        )
+        return view(story_state, temperature, top_k, top_p, model_key, colour, explain)
 
     settings_inputs = [temperature_slider, top_k_slider, top_p_slider]
+    display = [picker.state, colour_box, explain_box]
     outputs = [state, story, chart, choice_radio, info]
-    start.click(restart, [prompt_box, *settings_inputs, picker.state, colour_box], outputs, api_name="step_start")
-    prompt_box.submit(restart, [prompt_box, *settings_inputs, picker.state, colour_box], outputs,
-                      api_visibility="private")
-    sample.click(sample_one, [prompt_box, *settings_inputs, seed_box, state, picker.state, colour_box], outputs,
+    start.click(restart, [prompt_box, *settings_inputs, *display], outputs, api_name="step_start")
+    prompt_box.submit(restart, [prompt_box, *settings_inputs, *display], outputs, api_visibility="private")
+    sample.click(sample_one, [prompt_box, *settings_inputs, seed_box, state, *display], outputs,
                  api_name="step_sample")
-    pick.click(pick_one, [prompt_box, *settings_inputs, choice_radio, state, picker.state, colour_box], outputs,
+    pick.click(pick_one, [prompt_box, *settings_inputs, choice_radio, state, *display], outputs,
                api_name="step_pick")
-    undo.click(undo_one, [prompt_box, *settings_inputs, state, picker.state, colour_box], outputs,
-               api_name="step_undo")
-    refresh_inputs = [prompt_box, *settings_inputs, state, picker.state, colour_box]
+    undo.click(undo_one, [prompt_box, *settings_inputs, state, *display], outputs, api_name="step_undo")
+    refresh_inputs = [prompt_box, *settings_inputs, state, *display]
     # opening the tab shows the distribution straight away (and keeps a story already begun)
     tab.select(refresh, refresh_inputs, outputs, api_visibility="private")
-    # .change fires on every way of setting a slider: dragging, typing plus Enter, the arrow keys
-    for control in [*settings_inputs, colour_box]:
+    # .change fires on every way of setting a control: dragging, typing plus Enter, the arrow keys
+    for control in [*settings_inputs, colour_box, explain_box]:
         control.change(refresh, refresh_inputs, outputs, api_visibility="private", trigger_mode="always_last",
                        show_progress="hidden")
-    explain_box.change(explain, explain_box, [*settings_inputs, seed_box, chart_help], api_visibility="private")
+    explain_box.change(lambda on: gr.HTML(visible=on), explain_box, controls_help, api_visibility="private",
+                       queue=False)
