@@ -17,6 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from ui import build_app, launch_options
 from ui.common import AppSettings, on_zero_gpu, pick_device
+from ui.models import REPO_ID, ModelRegistry
 
 
 def _env_flag(name: str) -> bool:
@@ -31,9 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path(env("SLM_DATA_DIR") or "data"),
                         help="folder of local and uploaded training text (default: $SLM_DATA_DIR or ./data)")
     parser.add_argument("--default-model", default=env("SLM_DEFAULT_MODEL") or None,
-                        help="the model a new visitor gets, as the picker names it (a folder inside the checkpoint "
-                             "folder, e.g. my-run/best). Default: $SLM_DEFAULT_MODEL, else the best checkpoint of "
-                             "the most recent run that trained for at least 50 steps")
+                        help="the model a new visitor gets: a folder inside the checkpoint folder as the picker "
+                             "names it (e.g. my-run/best), or a Hub repo id (owner/name, downloaded at start). "
+                             "Default: $SLM_DEFAULT_MODEL, else the best checkpoint of the most recent run that "
+                             "trained for at least 50 steps")
     parser.add_argument("--demo", action=argparse.BooleanOptionalAction, default=_env_flag("SLM_DEMO"),
                         help="public demo: generation, step by step and inspection for everyone; training, uploads "
                              "and Hub downloads off (default: on when $SLM_DEMO=1)")
@@ -54,11 +56,25 @@ def settings_from_args(args: argparse.Namespace) -> AppSettings:
     )
 
 
+def fetch_default_model(settings: AppSettings) -> str | None:
+    """A default model given as a Hub repo id (owner/name) that is no folder here is downloaded at start
+    (a Space keeps its model on the Hub); returns the picker value to greet visitors with."""
+    name = (settings.default_model or "").strip()
+    if not name or (settings.checkpoints_dir / name).exists() or not REPO_ID.match(name):
+        return name or None
+    try:
+        return ModelRegistry(settings).download_from_hub(name)
+    except ValueError as exc:
+        print(f"warning: the default model {name} could not be downloaded: {exc}")
+        return name
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = settings_from_args(args)
     settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.default_model = fetch_default_model(settings)
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options())
