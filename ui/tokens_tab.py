@@ -14,7 +14,7 @@ from .common import user_errors
 from .models import ModelPicker
 from .step_tab import show_token
 
-DEFAULT_TEXT = "Once upon a time, there was a little girl named Lily.\nShe loved her red ball 🎈!"
+DEFAULT_TEXT = "Once upon a time, there was a little girl named Lily.\nShe said: \"Wow, a café!\""
 MAX_CHARACTERS = 20_000  # a text this long is tokenized in milliseconds; the table would not be read anyway
 SHADES = ("even", "odd")  # neighbouring tokens in two colours, so each token's edges show
 
