@@ -130,6 +130,7 @@ def bench_decode_cpu(rounds: int, prompt_len: int = 128, new_tokens: int = 128) 
         bound = bandwidth / weight_bytes  # each new token reads every weight once
         candidates = {
             "transformers generate": partial(_transformers_greedy, twin, prompt, new_tokens),
+            "ours, default (no flag)": partial(slm.generate, model, prompt, new_tokens, temperature=0),
             "ours, eager": partial(slm.generate, model, prompt, new_tokens, temperature=0, compiled=False),
             "ours, compiled step": partial(slm.generate, model, prompt, new_tokens, temperature=0, compiled=True),
         }

@@ -9,9 +9,10 @@
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import PRESETS, ModelConfig, count_parameters, preset
+from .engine import generate, stream_generate, warm_up
 from .loading import list_checkpoints, load_model
 from .model import Gemma3LM, build_model
-from .sampling import generate, stream_generate
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "Gemma3LM",
     "ModelConfig",
+    "SamplingParams",
     "Tokenizer",
     "build_model",
     "count_parameters",
@@ -29,4 +31,5 @@ __all__ = [
     "preset",
     "save_checkpoint",
     "stream_generate",
+    "warm_up",
 ]

@@ -56,7 +56,7 @@ def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     if dtype is None:  # auto
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return None if dtype == torch.float32 else dtype
 
 
@@ -68,3 +68,13 @@ def describe_device(device: torch.device, world_size: int) -> str:
     else:
         name = device.type.upper()
     return f"{name} x{world_size}" if world_size > 1 else name
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 where the hardware has it (Ampere and newer), not merely emulated (T4, V100)."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the argument
+        return torch.cuda.get_device_capability(device)[0] >= 8

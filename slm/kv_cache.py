@@ -1,9 +1,10 @@
-"""The preallocated KV cache used for incremental decoding, and the attention masks it needs.
+"""The preallocated KV cache, with one update path for prefill and decode.
 
-Global layers keep every position. Sliding-window layers keep only the last W positions in a ring
-buffer: a query at position i sees keys i - W < j <= i, so older keys can never be used again.
-Attention does not care about the order of keys (positions are already rotated into them), so a
-single decoded token simply attends to every filled slot of the ring.
+Global layers keep every position; sliding-window layers keep the last W positions in a ring
+buffer (a query at i sees keys i - W < j <= i, so older keys are never used again). Every slot
+remembers the position it holds (-1: empty), and attention masks are computed from those positions,
+so keys need no order and a decoded token attends over the whole fixed-size buffer: shapes do not
+depend on the position, which is what lets the engine compile the decode step once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .config import SLIDING, ModelConfig
-from .masks import window_mask
 
 
 class LayerKVCache:
@@ -24,63 +24,36 @@ class LayerKVCache:
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.capacity = capacity
         self.window = window
         self.is_ring = window is not None
-        self.slots = torch.arange(capacity, device=device)
-
-    def update_at(
-        self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store one token at a position held in a tensor and attend over the whole buffer, masked.
-
-        Every shape is fixed and no Python value depends on the position, so a decode step built on
-        this can be compiled once and captured in a CUDA graph. Filled slots are exactly those with
-        index <= position (once a ring has wrapped, all of them), and all of them are in the window.
-        """
-        slot = torch.remainder(position, self.capacity).view(1)
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
-        return self.k, self.v, (self.slots <= position)[None, :]
 
     def update(
-        self, k: torch.Tensor, v: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store new keys/values for positions start.. and return the keys, values and mask to attend with."""
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store keys/values (B, Hkv, T, D) for `positions` (T,), a tensor, and return what to attend
+        over: keys, values and each key's position (the mask is built from those).
+
+        The slots are `positions % capacity`, written with `index_copy_`. A chunk of several tokens
+        written into a ring could overwrite keys its own first queries still need, so there the
+        queries attend over the old buffer and the new keys side by side (written afterwards).
+        """
         T = k.shape[2]
-        if not self.is_ring:
-            end = start + T
-            self.k[:, :, start:end] = k
-            self.v[:, :, start:end] = v
-            mask = None
-            if T > 1:
-                mask = window_mask(
-                    torch.arange(start, end, device=k.device), torch.arange(end, device=k.device), None
-                )
-            return self.k[:, :, :end], self.v[:, :, :end], mask
+        keep = min(T, self.capacity)  # only the last `capacity` new positions can be seen later
+        slots = torch.remainder(positions[-keep:], self.capacity)
+        if self.is_ring and T > 1:
+            keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+            key_positions = torch.cat((self.positions, positions))
+        else:
+            keys, values, key_positions = self.k, self.v, self.positions
+        self.k.index_copy_(2, slots, k[:, :, -keep:])
+        self.v.index_copy_(2, slots, v[:, :, -keep:])
+        self.positions.index_copy_(0, slots, positions[-keep:])
+        return keys, values, key_positions
 
-        S = self.capacity
-        if T == 1:  # the decoding fast path: every filled slot is inside the window
-            slot = start % S
-            self.k[:, :, slot] = k[:, :, 0]
-            self.v[:, :, slot] = v[:, :, 0]
-            filled = min(start + 1, S)
-            return self.k[:, :, :filled], self.v[:, :, :filled], None
-
-        # Several new tokens (a prefill or a chunk): attend over the ring's old keys plus the new ones.
-        device = k.device
-        n_old = min(start, S)
-        slots = torch.arange(n_old, device=device)
-        old_pos = start - 1 - torch.remainder(start - 1 - slots, S)  # the position each slot holds
-        new_pos = torch.arange(start, start + T, device=device)
-        keys = torch.cat((self.k[:, :, :n_old], k), dim=2)
-        values = torch.cat((self.v[:, :, :n_old], v), dim=2)
-        mask = window_mask(new_pos, torch.cat((old_pos, new_pos)), self.window)
-        keep = min(T, S)  # only the last S new positions can still be seen later
-        write_slots = torch.remainder(new_pos[-keep:], S)
-        self.k.index_copy_(2, write_slots, k[:, :, -keep:])
-        self.v.index_copy_(2, write_slots, v[:, :, -keep:])
-        return keys, values, mask
+    def reset(self) -> None:
+        self.positions.fill_(-1)
 
 
 class KVCache:
@@ -91,6 +64,7 @@ class KVCache:
         dtype: torch.dtype,
     ) -> None:
         device = torch.device(device)
+        self.batch_size = batch_size
         self.max_length = max_length
         self.length = 0
         self.layers = []
@@ -109,4 +83,7 @@ class KVCache:
             )
 
     def reset(self) -> None:
+        """Forget what the cache holds (a device op: the buffers are reused, not reallocated)."""
         self.length = 0
+        for layer in self.layers:
+            layer.reset()

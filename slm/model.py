@@ -4,10 +4,13 @@ Parameter names follow transformers' Gemma 3 state dict (`embed_tokens`, `q_proj
 `input_layernorm`, ...) so that conversion is a rename table. The semantics are those of
 `transformers.models.gemma3.modeling_gemma3`, checked by the parity tests; see `../shared/GUIDE.md` §3.
 
-Three ways through the model share one set of modules:
-- `model(input_ids)` / `model.loss(...)`: the full sequence, attention through SDPA (training, scoring);
-- `model(input_ids, cache=cache)`: incremental decoding through a preallocated `KVCache`;
+Ways through the model share one set of modules and one attention signature (`attention.py`); each
+entry point picks its attention backend once:
+- `model(input_ids)`: the full sequence through SDPA (scoring, evaluation);
+- `model.loss(...)`: the same with the training backend ("sdpa", or "flex" for fixed training shapes);
+- `model(input_ids, cache=cache)` / `model.decode_step(...)`: through a preallocated `KVCache`;
 - `model.trace(input_ids)`: also returns every layer's hidden state and attention probabilities.
+Speed policy (compiling, CUDA graphs, static caches) lives in `engine.py`, not here.
 """
 
 from __future__ import annotations
@@ -19,43 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionFn, attention_backend, flex_attention_available, triton_available
 from .config import GLOBAL, SLIDING, ModelConfig
 from .kv_cache import KVCache, LayerKVCache
 from .losses import linear_cross_entropy
-from .masks import (
-    compiled_flex_attention,
-    flex_attention_available,
-    gpu_compiler_available,
-    sliding_block_mask,
-    sliding_causal_mask,
-)
+from .masks import sliding_causal_mask, window_mask
 
 VOCAB_MULTIPLE = 64  # the embedding is padded to this many rows: aligned matmuls, hidden from users
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+TRAINING_BACKENDS = ("auto", "sdpa", "flex")
 
 
-def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, with a special case for decoding on CPU.
-
-    A single row (one token, batch 1) is written as a broadcast multiply-and-sum when traced by
-    torch.compile on CPU: inductor turns that into one streaming reduction that reads the weight at
-    close to memory bandwidth, about 3x faster than the BLAS matrix-vector call it replaces (see
-    bench/RESULTS.md). In eager mode the same expression would materialise a huge temporary, so it is
-    used only while compiling.
-    """
-    if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
-        return (x.unsqueeze(-2) * weight).sum(-1)
-    return F.linear(x, weight)
-
-
-class Linear(nn.Linear):
-    """A bias-free nn.Linear (same parameter name and init) whose forward goes through `project`."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(x, self.weight)
+def Linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free nn.Linear: Gemma has no biases anywhere."""
+    return nn.Linear(in_features, out_features, bias=False)
 
 
 class RMSNorm(nn.Module):
@@ -84,6 +63,29 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return angles.cos(), angles.sin()
 
 
+class RotaryEmbedding(nn.Module):
+    """The inverse frequencies of one rotary base, as a buffer built at construction.
+
+    The buffer is not persistent (checkpoints do not change) and stays fp32 whatever the model is
+    cast to: `_apply` (behind `.to()`, `.half()`, ...) moves it but rebuilds it in fp32. Being a
+    buffer, a compiled step sees the same tensor on every call and never recompiles for it.
+    """
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, base), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inverse_frequencies(self.head_dim, self.base, self.inv_freq.device)
+        return self
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.inv_freq)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -110,72 +112,32 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.num_heads * h, d)
         self.q_norm = RMSNorm(h, config.rms_norm_eps)
         self.k_norm = RMSNorm(h, config.rms_norm_eps)
-        self.backend = "auto"
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        positions: torch.Tensor,
+        attend: AttentionFn,
         cache: LayerKVCache | None = None,
-        start: int = 0,
-        return_weights: bool = False,
-        position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`positions` (T,) are the tokens' positions; with a cache they continue what it holds."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        if cache is not None and position is not None:
-            k, v, mask = cache.update_at(k, v, position)
-            is_causal = False
-        elif cache is not None:
-            k, v, mask = cache.update(k, v, start)
-            is_causal = False
+        if cache is not None:
+            k, v, key_positions = cache.update(k, v, positions)
+            mask = window_mask(positions, key_positions, self.window)
         elif self.window is not None and self.window < T:
-            if not return_weights and self._use_flex(x):
-                out = compiled_flex_attention()(
-                    q, k, v, block_mask=sliding_block_mask(T, self.window, x.device), scale=self.scale,
-                    enable_gqa=self.num_kv_heads != self.num_heads,
-                )
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)), None
-            mask, is_causal = sliding_causal_mask(T, self.window, x.device), False
+            mask = sliding_causal_mask(T, self.window, x.device)
         else:
-            mask, is_causal = None, True  # the window cannot bind: plain causal attention
-
-        if return_weights:
-            if is_causal:
-                mask = sliding_causal_mask(T, None, x.device)
-            out, weights = self._explicit_attention(q, k, v, mask)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            weights = None
+            mask = None  # plain causal attention: the window cannot bind
+        out, weights = attend(q, k, v, mask=mask, window=self.window, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), weights
-
-    def _use_flex(self, x: torch.Tensor) -> bool:
-        """FlexAttention skips the blocks outside the window; "auto" takes it on CUDA, where it is compiled."""
-        if self.backend == "flex":
-            return True
-        return self.backend == "auto" and x.is_cuda and flex_attention_available() and gpu_compiler_available()
-
-    def _explicit_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention written out, returning the fp32 probabilities (B, H, Tq, Tk) for inspection."""
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs.to(v.dtype), v), probs
 
 
 class MLP(nn.Module):
@@ -206,16 +168,10 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, attend: AttentionFn,
         cache: LayerKVCache | None = None,
-        start: int = 0,
-        return_weights: bool = False,
-        position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, return_weights, position)
+        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, positions, attend, cache)
         x = x + self.post_attention_layernorm(attn)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, weights
@@ -244,7 +200,13 @@ class Gemma3LM(nn.Module):
             None if config.tie_embeddings
             else Linear(config.hidden_size, self.padded_vocab_size)
         )
-        self._inv_freq: dict[tuple[str, torch.device], torch.Tensor] = {}  # fp32, kept out of .to(dtype)
+        self.rotary = nn.ModuleDict({
+            SLIDING: RotaryEmbedding(config.head_dim, config.rope_local_base),
+            GLOBAL: RotaryEmbedding(config.head_dim, config.rope_global_base),
+        })
+        # sqrt(hidden) as a buffer: cast with the weights (25.25 in bf16) and no new tensor per forward
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
+        self.training_backend = "auto"
         self.reset_parameters()
 
     # ----- set-up -------------------------------------------------------------------------------
@@ -282,38 +244,22 @@ class Gemma3LM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden), the factor cast to the weight dtype first (25.25 in bf16)."""
         weight = self.embed_tokens.weight
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device)
-        return self.embed_tokens(input_ids) * scale
+        return self.embed_tokens(input_ids) * self.embed_scale.to(weight.dtype)
 
-    def rotary_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    def rotary_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin for the given positions, per layer type (local and global bases differ)."""
-        device = positions.device
-        tables = {}
-        for layer_type, base in ((SLIDING, self.config.rope_local_base), (GLOBAL, self.config.rope_global_base)):
-            key = (layer_type, device)
-            if key not in self._inv_freq:
-                self._inv_freq[key] = rope_inverse_frequencies(self.config.head_dim, base, device)
-            tables[layer_type] = rope_cos_sin(positions, self._inv_freq[key])
-        return tables
+        return {layer_type: rotary(positions) for layer_type, rotary in self.rotary.items()}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project normalised hidden states onto the vocabulary (padding rows dropped)."""
-        return project(hidden, self.head_weight)[..., : self.config.vocab_size]
+        return F.linear(hidden, self.head_weight)[..., : self.config.vocab_size]
 
     def _run_layers(
-        self, input_ids: torch.Tensor, cache: KVCache | None, return_trace: bool,
-        position: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, cache: KVCache | None,
+        return_trace: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
-        T = input_ids.shape[1]
-        start = cache.length if cache is not None and position is None else 0
-        if position is not None:
-            positions = position.view(1)
-        else:
-            if cache is not None:
-                cache.check_room(T)
-            positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.embed(input_ids)
         tables = self.rotary_tables(positions)
         hidden_states, attentions = [], []
@@ -321,15 +267,22 @@ class Gemma3LM(nn.Module):
             if return_trace:
                 hidden_states.append(x)
             cos, sin = tables[layer.layer_type]
-            layer_cache = cache.layers[i] if cache is not None else None
-            x, weights = layer(x, cos, sin, layer_cache, start, return_trace, position)
+            x, weights = layer(x, cos, sin, positions, attend, cache.layers[i] if cache is not None else None)
             if return_trace:
                 attentions.append(weights)
-        if cache is not None and position is None:
-            cache.length += T
         if return_trace:
             hidden_states.append(x)
         return self.norm(x), hidden_states, attentions
+
+    def _positions(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """0..T-1, or with a cache the positions after what it holds (and the cache advances)."""
+        T = input_ids.shape[-1]
+        start = 0
+        if cache is not None:
+            cache.check_room(T)
+            start = cache.length
+            cache.length += T
+        return torch.arange(start, start + T, device=input_ids.device)
 
     # ----- entry points -------------------------------------------------------------------------
     def forward(
@@ -339,30 +292,40 @@ class Gemma3LM(nn.Module):
 
         `last_only` returns logits for the last position only (B, 1, vocab): what a prefill needs.
         """
-        hidden, _, _ = self._run_layers(input_ids, cache, return_trace=False)
+        positions = self._positions(input_ids, cache)
+        hidden, _, _ = self._run_layers(input_ids, positions, attention_backend("sdpa"), cache)
         if last_only:
             hidden = hidden[:, -1:]
         return self.logits(hidden)
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab) for one token (B, 1) at `position` (a 0-d tensor), through the cache.
+        """Logits (B, vocab) for one token (B, 1) at `position` (a 0-d or 1-element tensor), through the cache.
 
-        Shapes and Python state do not depend on the position (the caller advances `cache.length`), so
-        this is what gets compiled, and on CUDA captured as a graph, for fast decoding.
+        Shapes and Python state do not depend on the position (the caller keeps it, on the device),
+        so the engine compiles this once per cache and, on CUDA, captures it as a graph.
         """
-        hidden, _, _ = self._run_layers(token, cache, return_trace=False, position=position)
+        hidden, _, _ = self._run_layers(token, position.view(1), attention_backend("sdpa"), cache)
         return self.logits(hidden[:, -1])
 
     def set_attention_backend(self, backend: str) -> None:
-        """"sdpa", "flex" (FlexAttention for sliding layers, compiled) or "auto" (flex on CUDA)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-        for layer in self.layers:
-            layer.self_attn.backend = backend
+        """The training loss's attention: "sdpa", "flex" (FlexAttention on sliding layers) or "auto"
+        (flex on CUDA with Triton). Inference always takes SDPA: its lengths vary, and compiled flex
+        would recompile for each."""
+        if backend not in TRAINING_BACKENDS:
+            raise ValueError(f"attention backend must be one of {TRAINING_BACKENDS}, got {backend!r}")
+        self.training_backend = backend
+
+    def _training_attention(self, device: torch.device) -> AttentionFn:
+        backend = self.training_backend
+        if backend == "auto":
+            use_flex = device.type == "cuda" and flex_attention_available() and triton_available()
+            backend = "flex" if use_flex else "sdpa"
+        return attention_backend(backend)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist."""
-        hidden, _, _ = self._run_layers(input_ids, None, return_trace=False)
+        positions = self._positions(input_ids, None)
+        hidden, _, _ = self._run_layers(input_ids, positions, self._training_attention(input_ids.device), None)
         return linear_cross_entropy(
             hidden.flatten(0, 1), self.head_weight, targets.flatten(), self.config.vocab_size, ignore_index
         )
@@ -370,7 +333,10 @@ class Gemma3LM(nn.Module):
     @torch.no_grad()
     def trace(self, input_ids: torch.Tensor) -> Trace:
         """A full forward pass that keeps every layer's hidden state and attention probabilities."""
-        hidden, hidden_states, attentions = self._run_layers(input_ids, None, return_trace=True)
+        positions = self._positions(input_ids, None)
+        hidden, hidden_states, attentions = self._run_layers(
+            input_ids, positions, attention_backend("eager"), None, return_trace=True
+        )
         return Trace(logits=self.logits(hidden), hidden_states=hidden_states, attentions=attentions)
 
     # ----- weights without the vocabulary padding -----------------------------------------------

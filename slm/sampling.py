@@ -1,29 +1,111 @@
-"""Logit processing (temperature, top-k, top-p) and generation through the KV cache, streamed.
+"""SamplingParams, and pure logit processing: temperature, top-k, top-p, and the draw itself.
 
-Generation is a prefill of the whole prompt followed by one cached decode step per new token; the
-sampling itself is a few pure functions that the playground also uses to show each step.
+A sampling setting is a field of `SamplingParams`, checked once where the value is made, and passed
+whole from the UI and API to the sampler: a new sampling method touches this file only. The draw
+needs no host sync: `argmax(p / q)` with q ~ Exp(1) from a device generator picks token i with
+probability p_i (the "exponential race"), where `torch.multinomial` would synchronise.
+Generation itself (prefill, cached decode steps, compiled or not) lives in `engine.py`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
-from .masks import gpu_compiler_available
-from .model import Gemma3LM
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: logits / 1e-38 would overflow to inf
+SEED_MODULUS = 2**63  # any integer seed is accepted and reduced modulo 2**63 (torch seeds are 64-bit)
+NAN_TOKEN = -1  # what a draw from NaN logits gives, so the caller can say so without an extra sync
 
 
-def check_sampling_params(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError with a clear message for values that have no meaning."""
-    if temperature is None or math.isnan(float(temperature)):
-        raise ValueError(f"temperature must be a number, got {temperature!r}")
-    if top_k is not None and (not float(top_k).is_integer() or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative integer (0 or None disables it), got {top_k!r}")
-    if top_p is not None and (math.isnan(float(top_p)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1 or None disables it), got {top_p!r}")
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. Built once (values checked here, with clear messages), then passed whole.
+
+    temperature <= 1e-5 is greedy; top_k 0/None and top_p 1/None are off; a seed makes draws
+    reproducible (any integer, reduced modulo 2**63); `stop_ids` end generation once produced.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        temperature = _number(self.temperature, "temperature")
+        if math.isinf(temperature):
+            raise ValueError(f"temperature must be finite, got {self.temperature!r}")
+        top_k = self.top_k
+        if top_k is not None:
+            if isinstance(top_k, bool) or not _is_integer(top_k) or top_k < 0:
+                raise ValueError(f"top_k must be a non-negative integer (0 or None disables it), got {top_k!r}")
+            top_k = int(top_k) or None
+        top_p = self.top_p
+        if top_p is not None:
+            top_p = _number(top_p, "top_p")
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1] (1 or None disables it), got {self.top_p!r}")
+            top_p = None if top_p == 1.0 else top_p
+        seed = self.seed
+        if seed is not None:
+            if isinstance(seed, bool) or not _is_integer(seed):
+                raise ValueError(f"seed must be a whole number, got {seed!r}")
+            seed = int(seed) % SEED_MODULUS
+        stop_ids = tuple(int(t) for t in (self.stop_ids or ()))
+        object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "stop_ids", stop_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def generator(self, device: torch.device | str, offset: int = 0) -> torch.Generator | None:
+        """A generator on `device` seeded with seed + offset (None without a seed)."""
+        return make_generator(None if self.seed is None else self.seed + offset, device)
+
+
+def _is_integer(value: object) -> bool:
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer()
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A torch.Generator for any integer seed (reduced modulo 2**63, never an overflow error)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) % SEED_MODULUS)
+    return generator
+
+
+def as_params(
+    params: SamplingParams | None = None, *, temperature: float | None = None, top_k: int | None = None,
+    top_p: float | None = None, seed: int | None = None, stop_token_ids: Iterable[int] | None = None,
+) -> SamplingParams:
+    """`params`, or SamplingParams from the keyword form (not both)."""
+    keywords = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "stop_ids": stop_token_ids}
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if params is not None:
+        if given:
+            raise ValueError(f"pass sampling settings as SamplingParams or as keywords, not both: {sorted(given)}")
+        return params
+    if "stop_ids" in given:
+        given["stop_ids"] = tuple(given["stop_ids"])
+    return SamplingParams(**given)
 
 
 def process_logits(
@@ -31,23 +113,27 @@ def process_logits(
 ) -> torch.Tensor:
     """fp32 logits (..., V) divided by the temperature, with tokens outside top-k / top-p set to -inf.
 
-    temperature <= 0 means greedy: only the most likely token stays.
+    temperature <= 1e-5 means greedy: only the most likely token stays.
     """
-    check_sampling_params(temperature, top_k, top_p)
+    return apply_params(logits, SamplingParams(temperature, top_k, top_p))
+
+
+def apply_params(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`process_logits` for a SamplingParams value."""
     logits = logits.float()
-    if temperature <= 0:
+    if params.greedy:
         keep = logits == logits.max(dim=-1, keepdim=True).values
         first = keep.float().cumsum(-1) == 1  # one token even when several tie
         return logits.masked_fill(~(keep & first), float("-inf"))
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, int(top_k), dim=-1).values[..., -1:]
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if params.top_p is not None:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the first token)
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -60,6 +146,20 @@ def next_token_probabilities(
     return torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of `logits` (B, V), on the logits' device, with no host sync.
+
+    Rows whose logits hold NaN give NAN_TOKEN (-1), which the caller turns into a clear error.
+    """
+    if params.greedy:
+        token = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(apply_params(logits, params), dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        token = (probs / race).argmax(dim=-1)
+    return torch.where(torch.isnan(logits).any(dim=-1), NAN_TOKEN, token)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -67,146 +167,14 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token id per row of `logits` (B, V)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = next_token_probabilities(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """One token id per row of `logits` (B, V): `sample` in the keyword form."""
+    return sample(logits, SamplingParams(temperature, top_k, top_p), generator)
 
 
-def _as_batch(input_ids: Sequence[int] | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
-    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids), dtype=torch.long)
-    batched = ids.dim() == 2
-    ids = ids if batched else ids[None]
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one token")
-    return ids.to(device=device, dtype=torch.long), batched
+def __getattr__(name: str):
+    """`generate` and `stream_generate` live in engine.py; these names keep older imports working."""
+    if name in ("generate", "stream_generate"):
+        from . import engine
 
-
-CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step sees few distinct shapes
-
-
-class Decoder:
-    """A prefill, then one cached step per token.
-
-    With `compiled=True` (the default on CUDA) the step is `model.decode_step` under `torch.compile`:
-    fixed shapes, the position passed as a tensor, and on CUDA "reduce-overhead" captures it as a CUDA
-    graph so a token costs one graph launch instead of hundreds of kernel launches.
-    """
-
-    def __init__(self, model: Gemma3LM, batch_size: int, max_length: int, compiled: bool | None = None) -> None:
-        self.model = model
-        if compiled is None:
-            compiled = model.device.type == "cuda" and gpu_compiler_available()
-        self.compiled = compiled
-        if self.compiled:
-            max_length = math.ceil(max_length / CACHE_BUCKET) * CACHE_BUCKET
-        self.cache = model.new_cache(batch_size, max_length)
-        if self.compiled:
-            for layer in self.cache.layers:
-                for tensor in (layer.k, layer.v, layer.slots):
-                    torch._dynamo.mark_static_address(tensor)
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) after the whole prompt."""
-        return self.model(ids, cache=self.cache, last_only=True)[:, -1]
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) after one more token (B,)."""
-        if not self.compiled:
-            return self.model(token[:, None], cache=self.cache)[:, -1]
-        self.cache.check_room(1)
-        position = torch.tensor(self.cache.length, device=token.device)
-        step, lock = compiled_decode_step(self.model)
-        # One compiled step (a CUDA graph on GPU) serves every request for this model: its static
-        # input and output buffers are shared, so concurrent decoders take turns, and the output is
-        # copied out before the next replay overwrites it.
-        with lock:
-            logits = step(token[:, None], position, self.cache).clone()
-        self.cache.length += 1
-        return logits
-
-
-_COMPILE_LOCK = threading.Lock()
-
-
-def compiled_decode_step(model: Gemma3LM) -> tuple[Callable, threading.Lock]:
-    """`model.decode_step` compiled once per model (kept on the model so it is reused across
-    requests), with the lock that its callers hold while they run it."""
-    compiled = getattr(model, "_compiled_decode_step", None)
-    if compiled is not None:  # every token after the first: no lock on the hot path
-        return compiled
-    with _COMPILE_LOCK:  # the first request compiles; concurrent first requests wait for it
-        if getattr(model, "_compiled_decode_step", None) is None:
-            mode = "reduce-overhead" if model.device.type == "cuda" else None
-            step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
-            model._compiled_decode_step = (step, threading.Lock())
-        return model._compiled_decode_step
-
-
-def stream_generate(
-    model: Gemma3LM,
-    input_ids: Sequence[int] | torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_token_ids: Iterable[int] | None = None,
-    compiled: bool | None = None,
-) -> Iterator[int | torch.Tensor]:
-    """Yield new tokens one at a time: an int for a 1-D prompt, a (B,) tensor for a (B, T) batch.
-
-    Stops after `max_new_tokens`, or once every row has produced one of `stop_token_ids` (the stop
-    token itself is yielded). `compiled` chooses the compiled decode step (default: on CUDA only).
-    """
-    check_sampling_params(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    ids, batched = _as_batch(input_ids, model.device)
-    if max_new_tokens == 0:
-        return
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device)
-        generator.manual_seed(int(seed))
-    stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=torch.long, device=model.device)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
-    decoder = Decoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compiled)
-    # Grad mode is thread-local and a generator may be resumed on another thread (a web server does
-    # this), or interleaved with another one, so no context stays open across a `yield`.
-    with torch.no_grad():
-        logits = decoder.prefill(ids)
-    for step in range(max_new_tokens):
-        with torch.no_grad():
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-        yield token if batched else int(token[0])
-        if stops.numel():
-            finished |= torch.isin(token, stops)
-            if bool(finished.all()):
-                return
-        if step + 1 < max_new_tokens:
-            with torch.no_grad():
-                logits = decoder.step(token)
-
-
-def generate(
-    model: Gemma3LM,
-    input_ids: Sequence[int] | torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_token_ids: Iterable[int] | None = None,
-    compiled: bool | None = None,
-) -> list[int] | torch.Tensor:
-    """The new token ids (a list for a 1-D prompt, a (B, n) tensor for a batch); temperature 0 is greedy."""
-    tokens = list(stream_generate(
-        model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, compiled
-    ))
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-        if not tokens:
-            return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=model.device)
-        return torch.stack(tokens, dim=1)
-    return tokens
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

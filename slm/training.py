@@ -20,6 +20,7 @@ entry point trains with DistributedDataParallel; rank 0 alone writes files.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import signal
@@ -161,7 +162,11 @@ class Trainer:
     ) -> None:
         self.dist = dist_info
         self.on_save = on_save
-        self.control_group = dist.new_group(backend="gloo") if dist_info.enabled else None
+        # Control messages (config, rank 0's data preparation, stop requests) go over CPU gloo with a
+        # long timeout: a first run's data preparation can outlast NCCL's 10-minute watchdog.
+        self.control_group = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) if dist_info.enabled else None
+        )
         self.device = resolve_device(config.device, dist_info.local_rank)
         self.config = self._agreed(resolve_config(config, self.device, dist_info.world_size))
         self.run_dir = Path(self.config.out)
@@ -194,7 +199,7 @@ class Trainer:
         if not self.dist.enabled:
             return config
         box = [config.to_dict()]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
         return TrainConfig.from_dict(box[0])
 
     def _on_main(self, fn: Callable[[], Any]) -> Any:
@@ -207,7 +212,7 @@ class Trainer:
                 error = exc
         if self.dist.enabled:
             box = [None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self.control_group)  # ranks wait here, on the CPU
             if box[0] is not None and error is None:
                 raise RuntimeError(f"rank 0 failed: {box[0]}")
         if error is not None:
@@ -264,12 +269,16 @@ class Trainer:
         if c.resume:
             self.load_state()
         loss_module: nn.Module = LossModule(self.model)
-        if c.compile:
-            loss_module = torch.compile(loss_module)
-        self.eval_loss_module = loss_module
+        plain = torch.compile(loss_module) if c.compile else loss_module
         if self.dist.enabled:
+            # DDP first, then compile: the compiled graph is split at DDP's buckets so that gradient
+            # all-reduce overlaps the backward. Buffers (rotary tables) are constants: no broadcast.
             ids = [self.device.index] if self.device.type == "cuda" else None
-            loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
+            loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids, broadcast_buffers=False)
+            loss_module = torch.compile(loss_module) if c.compile else loss_module
+        else:
+            loss_module = plain
+        self.eval_loss_module = plain  # evaluation needs no DDP: ranks score different windows
         self.loss_module = loss_module
         self.tokens_per_step = c.batch_size * c.grad_accum * c.context_length * self.dist.world_size
         self.flops_per_token = training_flops_per_token(self.model_config, self.sampler.length)

@@ -123,3 +123,71 @@ def test_generators_can_be_interleaved_and_resumed_on_other_threads(model):
         worker.join()
     assert got["greedy"] == slm.generate(model, [4, 2], max_new_tokens=10, temperature=0)
     assert got["sampled"] == slm.generate(model, [4, 2], max_new_tokens=10, temperature=1.0, seed=1)
+
+
+# ----- SamplingParams: one value, checked once, passed whole ----------------------------------------
+from slm.sampling import SamplingParams  # noqa: E402
+
+
+def test_sampling_params_equal_the_keyword_form(model):
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=5, stop_ids=(7,))
+    assert slm.generate(model, [1, 2, 3], 15, params) == slm.generate(
+        model, [1, 2, 3], 15, temperature=0.9, top_k=40, top_p=0.9, seed=5, stop_token_ids=[7]
+    )
+    assert list(slm.stream_generate(model, [1, 2, 3], 15, params)) == slm.generate(model, [1, 2, 3], 15, params)
+    with pytest.raises(ValueError, match="not both"):
+        slm.generate(model, [1, 2], 3, params, temperature=0.5)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 5e-324, 1e-6])
+def test_tiny_positive_temperatures_are_greedy_not_nan(model, temperature):
+    assert SamplingParams(temperature=temperature).greedy
+    assert slm.generate(model, [5, 17], 6, temperature=temperature, seed=1) == slm.generate(
+        model, [5, 17], 6, temperature=0
+    )
+    probs = next_token_probabilities(torch.tensor([[2.0, 1.0, 0.0]]), temperature)
+    assert probs.tolist() == [[1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64 + 5, 10**30, -1])
+def test_huge_seeds_are_reduced_modulo_2_to_the_63(model, seed):
+    """Once "Overflow when unpacking long long"; now any integer works, reduced modulo 2**63."""
+    params = SamplingParams(temperature=1.0, seed=seed)
+    assert params.seed == seed % 2**63
+    assert slm.generate(model, [4], 5, temperature=1.0, seed=seed) == slm.generate(
+        model, [4], 5, temperature=1.0, seed=seed % 2**63
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=math.inf), "temperature must be finite"),
+        (dict(temperature="hot"), "temperature must be a number"),
+        (dict(seed=1.5), "seed must be a whole number"),
+        (dict(seed=math.nan), "seed must be a whole number"),
+        (dict(top_k=math.inf), "top_k"),
+    ],
+)
+def test_sampling_params_refuse_meaningless_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_nan_model_output_gets_a_clear_message():
+    broken = build_model(small_config(), seed=0).eval()
+    with torch.no_grad():
+        broken.layers[1].mlp.up_proj.weight.fill_(math.nan)
+    for run in (slm.generate, lambda *a, **k: list(slm.stream_generate(*a, **k))):
+        with pytest.raises(ValueError, match="output is NaN"):
+            run(broken, [1, 2, 3], 4, temperature=0.8, seed=0)
+    with pytest.raises(ValueError, match="output is NaN"):
+        slm.generate(broken, torch.tensor([[1, 2], [3, 4]]), 4, temperature=0)
+
+
+def test_the_exponential_race_draws_in_proportion_to_the_probabilities():
+    """argmax(p / q), q ~ Exp(1), picks token i with probability p_i: no multinomial, no host sync."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(20000, 1)
+    tokens = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)

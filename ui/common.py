@@ -22,6 +22,7 @@ import gradio as gr
 import torch
 
 from slm import CheckpointError
+from slm.devices import native_bf16
 
 log = logging.getLogger("slm.app")
 
@@ -73,7 +74,7 @@ def refuse_in_demo(settings: AppSettings, what: str) -> None:
 def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA when present (bf16 where the GPU supports it, else fp32); otherwise the CPU in fp32."""
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if native_bf16(device):  # not emulated bf16 (T4, V100): slower than fp32 there
         return device, torch.bfloat16
     return device, torch.float32
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
 from slm import Gemma3LM, Tokenizer
+from slm.engine import stream_generate
 from slm.inspection import fit_to_length
-from slm.sampling import stream_generate
+from slm.sampling import SamplingParams
 
 from .common import gpu, integer, number, user_errors
 from .models import ModelPicker
@@ -23,14 +24,11 @@ MAX_NEW_TOKENS = 1024
 @dataclass
 class SamplingSettings:
     max_new_tokens: int
-    temperature: float  # <= 0: greedy
-    top_k: int | None
-    top_p: float | None
-    seed: int | None
+    params: SamplingParams  # passed whole to the sampler
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.params.greedy
 
 
 def read_settings(max_new_tokens, temperature, top_k, top_p, seed, vocab_size: int) -> SamplingSettings:
@@ -40,13 +38,13 @@ def read_settings(max_new_tokens, temperature, top_k, top_p, seed, vocab_size: i
     if top_p == 0:
         raise gr.Error("top-p must be above 0 (1 turns it off): with 0 no token could ever be drawn.")
     seed = None if seed is None or seed == "" else integer(seed, "seed", -1, 2**63 - 1)
-    return SamplingSettings(
-        max_new_tokens=integer(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
+    params = SamplingParams(
         temperature=number(temperature, "temperature", None, 100.0),
         top_k=top_k or None,
         top_p=top_p if top_p < 1 else None,
         seed=None if seed is None or seed < 0 else seed,
     )
+    return SamplingSettings(integer(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS), params)
 
 
 def prepare_prompt(
@@ -81,13 +79,11 @@ def stream_text(
     compiled: bool | None = None,
 ) -> Iterator[tuple[str, int]]:
     """(new text so far, tokens so far) after every token; stops at end-of-text. `compiled=False` keeps
-    torch.compile out (ZeroGPU does not support it); None lets the decoder choose."""
+    torch.compile out (ZeroGPU does not support it); None lets the engine choose."""
     decoder = tokenizer.stream_decoder()
     text, count = "", 0
-    tokens = stream_generate(
-        model, ids, settings.max_new_tokens, 0.0 if greedy else settings.temperature,
-        settings.top_k, settings.top_p, settings.seed, stop_token_ids=[tokenizer.eot_id], compiled=compiled,
-    )
+    params = replace(settings.params, stop_ids=(tokenizer.eot_id,), **({"temperature": 0.0} if greedy else {}))
+    tokens = stream_generate(model, ids, settings.max_new_tokens, params, compiled=compiled)
     for token in tokens:
         count += 1
         if token == tokenizer.eot_id:
@@ -166,7 +162,7 @@ def build_generate_tab(picker: ModelPicker, tokenizer: Tokenizer) -> None:
         settings = read_settings(max_new_tokens, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         if settings.greedy:
             gr.Warning("Temperature is 0, which is greedy too: the sampled side uses temperature 1.")
-            settings.temperature = 1.0
+            settings.params = replace(settings.params, temperature=1.0)
         ids, settings.max_new_tokens, _ = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens)
         greedy_text = sampled_text = ""
         pairs = itertools.zip_longest(

@@ -17,6 +17,7 @@ import gradio as gr
 
 from slm import CheckpointError, Gemma3LM, build_model, count_parameters, list_checkpoints, load_model, preset
 from slm.checkpoint import WEIGHTS_FILE
+from slm.engine import warm_up_in_background
 from slm.loading import CheckpointInfo, read_checkpoint_info
 
 from .common import AppSettings, PathNotAllowed, allowed_path, refuse_in_demo, user_errors
@@ -180,6 +181,7 @@ class ModelRegistry:
             else:
                 model = load_model(folder, device=self.settings.device, dtype=self.settings.dtype)
             self._loaded[cache_key] = model
+            warm_up_in_background(model)  # compiles the decode step where that is the default (GPU, large CPU models)
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
             return model

@@ -16,7 +16,8 @@ import torch
 from slm import Tokenizer
 from slm.inspection import SamplingView, TokenChoice, next_token_logits, sampling_view, token_choice
 from slm.plots import describe_settings, percent
-from slm.sampling import sample_next
+from slm.sampling import NAN_TOKEN, make_generator
+from slm.sampling import sample as draw_token
 
 from .common import gpu, integer, user_errors
 from .generate_tab import DEFAULT_PROMPT, read_settings
@@ -134,8 +135,8 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         model = registry.get(model_key)
         settings = read_settings(1, temperature, top_k, top_p, None, tokenizer.vocab_size)
         logits = next_token_logits(model, story_state["ids"])
-        step_view = sampling_view(logits, tokenizer, settings.temperature, settings.top_k, settings.top_p,
-                                  CANDIDATES)
+        params = settings.params
+        step_view = sampling_view(logits, tokenizer, params.temperature, params.top_k, params.top_p, CANDIDATES)
         choices = [(f"{rank} {show_token(c.text)}", str(c.token_id))
                    for rank, c in enumerate(step_view.candidates, start=1)]
         generated = sum(k is not None for k in story_state["kinds"])
@@ -145,7 +146,8 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
                 distribution_html(step_view, explain is not False), gr.Radio(choices=choices, value=None), text)
 
     def append(story_state: dict, logits: torch.Tensor, token: int, kind: str, settings) -> dict:
-        choice = token_choice(logits, token, settings.temperature, settings.top_k, settings.top_p)
+        params = settings.params
+        choice = token_choice(logits, token, params.temperature, params.top_k, params.top_p)
         token_text = tokenizer.token_strings([token])[0]
         last = announce("Drew" if kind == SAMPLED else "You chose", token_text, choice)
         return {**story_state, "ids": [*story_state["ids"], token], "kinds": [*story_state["kinds"], kind],
@@ -168,12 +170,12 @@ def build_step_tab(picker: ModelPicker, tokenizer: Tokenizer, tab: gr.Tab) -> No
         story_state = story_state or new_story(tokenizer, prompt)
         settings = read_settings(1, temperature, top_k, top_p, seed, tokenizer.vocab_size)
         model = registry.get(model_key)
-        generator = None
-        if settings.seed is not None:  # reproducible: the same seed and text give the same draw
-            generator = torch.Generator(device=model.device)
-            generator.manual_seed(settings.seed * 1_000_003 + len(story_state["ids"]))
+        seed = settings.params.seed  # reproducible: the same seed and text give the same draw
+        generator = None if seed is None else make_generator(seed * 1_000_003 + len(story_state["ids"]), model.device)
         logits = next_token_logits(model, story_state["ids"])
-        token = int(sample_next(logits[None], settings.temperature, settings.top_k, settings.top_p, generator)[0])
+        token = int(draw_token(logits[None], settings.params, generator)[0])
+        if token == NAN_TOKEN:
+            raise gr.Error("The model's output is NaN: its weights are probably broken.")
         story_state = append(story_state, logits, token, SAMPLED, settings)
         return view(story_state, temperature, top_k, top_p, model_key, colour, explain)
 
