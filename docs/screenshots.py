@@ -1,10 +1,11 @@
-"""Take the README's screenshots from the real app: one PNG per tab.
+"""Take the README's screenshots from the real app at 1280x720 (a projector): one PNG per tab.
 
     python docs/screenshots.py --checkpoints /tmp/shots/checkpoints --data-dir /tmp/shots/data
 
 Serves the playground in-process, drives it with Playwright and Debian's Chromium, and writes
-docs/<tab>.png. The Train shot resumes a trained run (--resume-run) or starts one on the
-first text file in the data folder, and stops it after the shot. The PNGs are reduced to a
+docs/<tab>.png: what a 1280x720 screen shows (Generate, Tokens, Step by step), or the whole page
+at that width (Inspect, Train). The Train shot resumes a trained run (--resume-run) or starts one
+on the first text file in the data folder, and stops it after the shot. The PNGs are reduced to a
 256-colour palette to stay small.
 
     python docs/screenshots.py --checkpoints checkpoints --data-dir /tmp/data --watch-run watch-2000
@@ -44,8 +45,9 @@ STORY = (
 )
 
 
-def save(page, path: Path) -> None:
-    png = page.screenshot(full_page=True)
+def save(page, path: Path, full_page: bool = False) -> None:
+    page.evaluate("window.scrollTo(0, 0)")
+    png = page.screenshot(full_page=full_page)
     image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     image.save(path, optimize=True)
     print(f"{path}: {path.stat().st_size / 1024:.0f} KB")
@@ -108,7 +110,7 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
             page.set_default_timeout(600_000)
             page.goto(url)
             page.wait_for_selector("#generate-button")
@@ -124,14 +126,28 @@ def main() -> None:
             wait_until_still(page, ["#greedy-output textarea", "#sampled-output textarea"])
             save(page, args.out / "generate.png")
 
+            page.get_by_role("tab", name="Tokens").click()
+            page.locator("#tokens-text textarea").fill(
+                "Once upon a time, there was a little girl named Lily.\nShe said: \"Wow, a café!\"")
+            page.click("#tokens-button")
+            page.locator("#tokens-table").get_by_text("Lily").first.wait_for()
+            page.wait_for_timeout(1000)
+            save(page, args.out / "tokens.png")
+
             page.get_by_role("tab", name="Step by step").click()
-            page.locator("#step-chart img").wait_for()
+            page.locator("#step-chart .dist-row").first.wait_for()
+            temperature = page.locator("#step-temperature input[type=number]")
+            temperature.fill("0.8")
+            temperature.press("Enter")
+            page.wait_for_timeout(1500)
             for _ in range(3):
                 page.click("#step-sample")
                 page.wait_for_timeout(1500)
             page.locator("#step-choice label").nth(1).click()
             page.click("#step-pick")
             page.locator("#step-info").get_by_text("4 tokens added").wait_for()
+            page.click("#step-sample")
+            page.locator("#step-info").get_by_text("5 tokens added").wait_for()
             page.wait_for_timeout(1000)
             save(page, args.out / "step-by-step.png")
 
@@ -142,14 +158,14 @@ def main() -> None:
             page.locator("#inspect-tokens").get_by_text(" ball").first.click()
             page.get_by_text(re.compile(r"After .* ball")).first.wait_for()
             page.wait_for_timeout(2000)
-            save(page, args.out / "inspect.png")
+            save(page, args.out / "inspect.png", full_page=True)
 
             page.get_by_role("tab", name="Train").click()
             if args.resume_run:  # continue a trained run a few steps: its whole loss history is on the plot
-                page.locator("#train-steps input").fill(str(args.train_steps))
                 page.locator("#train-run input").fill(args.resume_run)
-                page.locator("#train-run input").press("Enter")
-                page.click("#train-resume")
+                page.locator("#train-run input").press("Enter")  # the form shows the run's own settings
+                page.wait_for_timeout(2000)
+                page.click("#train-resume")  # to the run's own total
             else:
                 page.get_by_text("A file in the data folder").click()
                 page.locator("#train-steps input").fill(str(args.train_steps))
@@ -162,7 +178,7 @@ def main() -> None:
                 "document.querySelector('#train-sample textarea').value.length > 50", timeout=1_800_000
             )
             page.wait_for_timeout(3000)
-            save(page, args.out / "train.png")
+            save(page, args.out / "train.png", full_page=True)
             browser.close()
     finally:
         if manager.stop():

@@ -280,3 +280,25 @@ def sampling_view(
         sampling_entropy=float(_entropy(processed_log)),
         tokens_kept=int((processed > 0).sum()),
     )
+
+
+@dataclass
+class TokenChoice:
+    """One chosen next token: its probability under the model and under the sampler, and its rank."""
+
+    token_id: int
+    probability: float  # softmax of the raw logits
+    sampling_probability: float  # after temperature / top-k / top-p (what a draw had)
+    rank: int  # 1 = the model's most likely token
+
+
+def token_choice(
+    logits: torch.Tensor, token_id: int, temperature: float = 1.0, top_k: int | None = None,
+    top_p: float | None = None,
+) -> TokenChoice:
+    """How likely `token_id` was at this step (for "drew ' girl': 20.1%, rank 2")."""
+    logits = logits.float()
+    processed = next_token_probabilities(logits, temperature, top_k, top_p)
+    probability = torch.softmax(logits, dim=-1)[token_id]
+    rank = int((logits > logits[token_id]).sum()) + 1
+    return TokenChoice(int(token_id), float(probability), float(processed[token_id]), rank)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 from .checkpoint import CheckpointError, recover_directory
 from .paths import open_append_nofollow, write_text_nofollow
 from .train_config import RUN_CONFIG_FILE, TrainConfig, check_run_paths, load_run_config, resume_config
-from .training import METRICS_FILE
+from .training import METRICS_FILE, PROGRESS_FILE
 
 JOB_FILE = "job.json"
 LOG_FILE = "worker.log"
@@ -95,6 +96,15 @@ class MetricsTail:
                 continue
         self._offset += end
         return self.records
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    """The training loop's heartbeat (progress.json), or None when absent or unreadable."""
+    try:
+        record = json.loads((run_dir / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def _pid_alive(pid: int, run_dir: Path) -> bool:
@@ -185,8 +195,12 @@ class TrainingManager:
             if self.allowed_roots is not None:
                 check_run_paths(config, run_dir, self.allowed_roots)
             run_dir.mkdir(parents=True, exist_ok=False)
-            config.save(run_dir / RUN_CONFIG_FILE)
-            self._launch(run_dir, config)
+            try:
+                config.save(run_dir / RUN_CONFIG_FILE)
+                self._launch(run_dir, config)
+            except BaseException:  # a start that failed leaves no empty run folder behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
             return run_dir
 
     def resume(self, run_dir: Path, max_steps: int | None = None) -> Path:
@@ -340,6 +354,12 @@ class TrainingManager:
                 ended = record if session else ended
             elif kind == "error" and session:
                 error = record
+        progress = read_progress(self._run_dir)
+        if progress is not None and progress.get("time", 0) >= self._launched_at - 1.0 and progress["step"] > s.step:
+            # between two metrics records: the heartbeat's step, tokens, time and running loss
+            s.step, s.tokens = progress["step"], progress.get("tokens", s.tokens)
+            s.elapsed_s = progress.get("elapsed_s", s.elapsed_s)
+            s.train_loss = progress.get("train_loss", s.train_loss)
         if alive:
             if self._stop_requested:
                 s.state, s.message = "stopping", "stopping: finishing the current step and saving"

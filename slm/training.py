@@ -70,6 +70,8 @@ from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
 
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"  # the heartbeat: rewritten at most every HEARTBEAT_SECONDS
+HEARTBEAT_SECONDS = 1.0
 STOP_FILE = "STOP"
 LATEST_DIR = "latest"
 BEST_DIR = "best"
@@ -608,6 +610,20 @@ class Trainer:
         return next(r["text"] for r in records if r["mode"] == "sampled")
 
     # -- the run --
+    _last_heartbeat = 0.0
+
+    def heartbeat(self) -> None:
+        """Rewrite progress.json (step, tokens, elapsed, running loss) at most every HEARTBEAT_SECONDS, so a UI
+        shows progress between metrics records (ten steps can take a minute on a CPU). Costs one loss read."""
+        now = time.perf_counter()
+        if not self.dist.is_main or now - self._last_heartbeat < HEARTBEAT_SECONDS:
+            return
+        self._last_heartbeat = now
+        loss = float(self.interval_loss.item()) / self.interval_steps if self.interval_steps else self.last_train_loss
+        record = {"step": self.step, "max_steps": self.config.max_steps, "tokens": self.step * self.tokens_per_step,
+                  "elapsed_s": self.elapsed(), "train_loss": loss, "time": time.time()}
+        write_text_nofollow(self.run_dir / PROGRESS_FILE, json.dumps(record))  # a reader never sees half a file
+
     def elapsed(self) -> float:
         """Seconds this run has been training, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.perf_counter() - self.session_start
@@ -720,6 +736,7 @@ class Trainer:
                 grad_norm = self.train_step()
                 seconds = time.perf_counter() - started
                 self.step_seconds = seconds if self.step_seconds == 0 else 0.7 * self.step_seconds + 0.3 * seconds
+                self.heartbeat()
                 if self.bar is not None:
                     self.advance_bar()
                 final = self.step == c.max_steps or self.last_by_time

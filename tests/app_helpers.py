@@ -35,11 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_checkpoint(checkpoints_dir: Path, config, key: str = CHECKPOINT_KEY, step: int = 120) -> Path:
+def make_checkpoint(
+    checkpoints_dir: Path, config, key: str = CHECKPOINT_KEY, step: int = 120, seed: int = 0, **metadata_extra
+) -> Path:
     """A real checkpoint folder of a small random model, as training writes it."""
-    model = build_model(config, seed=0)
+    model = build_model(config, seed=seed)
     metadata = {"preset": None, "step": step, "tokens": step * 1024, "val_loss": 6.25, "train_loss": 6.5,
-                "created": "2025-01-01T00:00:00"}
+                "created": "2025-01-01T00:00:00", **metadata_extra}
     return save_checkpoint(checkpoints_dir / key, model, metadata)
 
 
@@ -63,8 +65,10 @@ def write_stories(path: Path, count: int = 300, seed: int = 0) -> Path:
 
 
 @contextmanager
-def running_app(checkpoints_dir: Path, data_dir: Path):
+def running_app(checkpoints_dir: Path, data_dir: Path, **settings_options):
     """The app with its real TrainingManager, served on a free port; yields (url, manager).
+
+    `settings_options` are AppSettings fields (default_model, demo, zero_gpu).
 
     On exit a training job still running is stopped and waited for, so no test leaves a process behind.
     """
@@ -74,7 +78,8 @@ def running_app(checkpoints_dir: Path, data_dir: Path):
 
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
-    settings = AppSettings(checkpoints_dir.resolve(), data_dir.resolve(), torch.device("cpu"), torch.float32)
+    settings = AppSettings(checkpoints_dir.resolve(), data_dir.resolve(), torch.device("cpu"), torch.float32,
+                           **settings_options)
     manager = TrainingManager(runs_root=settings.checkpoints_dir)
     demo = build_app(settings, manager)
     demo.queue(default_concurrency_limit=2)

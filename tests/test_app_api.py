@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import itertools
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from gradio_client.exceptions import AppError
 
 from slm import build_model, count_parameters, generate, load_model, load_tokenizer
 from slm.hf import save_hf
+from slm.plots import percent
 from ui.models import UNTRAINED
 from ui.train_tab import FILE_SOURCE
 
@@ -53,7 +56,7 @@ def test_list_checkpoints(client):
     assert first["key"] == CHECKPOINT_KEY
     assert first["step"] == 120 and first["val_loss"] == pytest.approx(6.25)
     assert first["parameters"] == count_parameters(playground_config()).total
-    assert "step 120" in first["label"] and "val loss 6.250" in first["label"]
+    assert first["label"].startswith("small-run · best (step 120, val 6.250)") and first["default"]
     assert entries[-1]["key"] == UNTRAINED and entries[-1]["format"] == "untrained"
 
 
@@ -122,20 +125,33 @@ def test_step_by_step(client, model):
     ids = tokenizer.encode(PROMPT)
     story, chart, _, info = client.predict(PROMPT, 1.0, 0, 1.0, api_name="/step_start")
     assert [s["token"] for s in story] == tokenizer.token_strings(ids)
-    assert chart["type"] == "matplotlib"
     with torch.no_grad():
         logits = model(torch.tensor([ids]))[0, -1]
-    second = int(torch.topk(logits, 2).indices[1])
+    probs = torch.softmax(logits, -1)
+    top = torch.topk(logits, 8).indices.tolist()
+    # the distribution is drawn by the browser: HTML bars, most likely first, with the model's percentages
+    tokens_shown = re.findall(r'class="dist-token">([^<]*)<', chart)
+    assert tokens_shown == [html.escape(t.replace(" ", "␣").replace("\n", "↵")) for t in tokenizer.token_strings(top)]
+    assert percent(float(probs[top[0]])) in chart
+    second = top[1]
     story, _, _, info = client.predict(PROMPT, 1.0, 0, 1.0, str(second), api_name="/step_pick")
-    assert story[-1] == {"token": tokenizer.token_strings([second])[0], "class_or_confidence": "chosen by you"}
-    assert info.startswith("1 token added")
+    # coloured by the probability the token had when chosen; the choice is announced with it and its rank
+    assert story[-1]["token"] == tokenizer.token_strings([second])[0]
+    assert story[-1]["class_or_confidence"] == pytest.approx(float(probs[second]), rel=1e-4)
+    assert f"{percent(float(probs[second]))}, rank 2" in info and info.startswith("You chose")
+    assert "1 token added" in info
     story, _, _, info = client.predict(PROMPT, 0.0, 0, 1.0, 0, api_name="/step_sample")  # temperature 0: greedy
     with torch.no_grad():
-        greedy = int(model(torch.tensor([[*ids, second]]))[0, -1].argmax())
+        greedy_logits = model(torch.tensor([[*ids, second]]))[0, -1]
+    greedy = int(greedy_logits.argmax())
     assert story[-1]["token"] == tokenizer.token_strings([greedy])[0]
-    assert story[-1]["class_or_confidence"] == "sampled"
-    story, _, _, _ = client.predict(PROMPT, 1.0, 0, 1.0, api_name="/step_undo")
-    assert len(story) == len(ids) + 1
+    assert story[-1]["class_or_confidence"] == 1.0  # greedy: the sampler gave it all the mass
+    assert info.startswith("Drew") and "100.0%, rank 1" in info
+    assert f"the model alone: {percent(float(torch.softmax(greedy_logits, -1)[greedy]))}" in info
+    # coloured by kind instead, when the presenter prefers
+    story, _, _, info = client.predict(PROMPT, 1.0, 0, 1.0, False, api_name="/step_undo")
+    assert len(story) == len(ids) + 1 and story[-1]["class_or_confidence"] == "chosen by you"
+    assert info.startswith("Took back")
 
 
 def test_two_sessions_do_not_share_state(app):
@@ -358,3 +374,92 @@ def test_stop_in_the_middle_then_resume(training_app):
         client.predict("../../", 5, api_name="/resume_training")
     with pytest.raises(AppError, match="outside the folders"):
         client.predict("tiny", FILE_SOURCE, 0, "/etc/passwd", 5, 2, 1e-3, 32, api_name="/start_training")
+
+
+def _greedy_text(model, steps: int = 6) -> str:
+    tokenizer = load_tokenizer()
+    ids = generate(model, tokenizer.encode(PROMPT), steps, temperature=0, stop_token_ids=[tokenizer.eot_id])
+    return PROMPT + tokenizer.decode([t for t in ids if t != tokenizer.eot_id])
+
+
+@pytest.fixture(scope="module")
+def runs_of_different_length(tmp_path_factory):
+    """A 400-step run, then a newer 5-step test run (whose checkpoints are the newest on disk)."""
+    root = tmp_path_factory.mktemp("runs")
+    checkpoints = root / "checkpoints"
+    config = playground_config()
+    make_checkpoint(checkpoints, config, "long-run/latest", step=400, seed=1, val_loss=3.1)
+    make_checkpoint(checkpoints, config, "long-run/best", step=400, seed=2, val_loss=2.9, val_bpb=1.21)
+    time.sleep(0.05)  # the test run's files are strictly newer
+    make_checkpoint(checkpoints, config, "test-run/best", step=5, seed=3, val_loss=10.4)
+    make_checkpoint(checkpoints, config, "test-run/latest", step=5, seed=4, val_loss=10.4)
+    (root / "data").mkdir()
+    return root
+
+
+def test_a_new_visitor_gets_the_best_checkpoint_of_the_last_real_run(runs_of_different_length):
+    root = runs_of_different_length
+    with running_app(root / "checkpoints", root / "data") as (url, _):
+        client = Client(url, verbose=False)
+        entries = client.predict(api_name="/list_checkpoints")
+        keys = [e["key"] for e in entries]
+        # each run once, newest first, best before latest, told apart in the label with steps, loss and bpb
+        assert keys == ["test-run/best", "test-run/latest", "long-run/best", "long-run/latest", UNTRAINED]
+        labels = {e["key"]: e["label"] for e in entries}
+        assert labels["long-run/best"].startswith("long-run · best (step 400, val 2.900, 1.21 bpb)")
+        assert labels["long-run/latest"].startswith("long-run · latest (step 400, val 3.100)")
+        assert [e["key"] for e in entries if e["default"]] == ["long-run/best"]
+        # a new visitor who never touched the picker generates with that model
+        text, _ = client.predict(PROMPT, 6, 0.0, 0, 1.0, 0, api_name="/generate")
+        assert text == _greedy_text(load_model(root / "checkpoints" / "long-run/best"))
+        assert text != _greedy_text(load_model(root / "checkpoints" / "test-run/best"))
+
+
+def test_the_configured_default_model_wins(runs_of_different_length):
+    root = runs_of_different_length
+    with running_app(root / "checkpoints", root / "data", default_model="test-run/latest") as (url, _):
+        client = Client(url, verbose=False)
+        assert [e["key"] for e in client.predict(api_name="/list_checkpoints") if e["default"]] == ["test-run/latest"]
+        text, _ = client.predict(PROMPT, 6, 0.0, 0, 1.0, 0, api_name="/generate")
+        assert text == _greedy_text(load_model(root / "checkpoints" / "test-run/latest"))
+
+
+def test_public_demo_refuses_training_uploads_and_downloads(tmp_path):
+    checkpoints, data = tmp_path / "checkpoints", tmp_path / "data"
+    make_checkpoint(checkpoints, playground_config())
+    write_stories(data / "stories.txt")
+    with running_app(checkpoints, data, demo=True) as (url, manager):
+        client = Client(url, verbose=False)
+        for call in (
+            lambda: client.predict(*start_args(5), api_name="/start_training"),
+            lambda: client.predict("small-run", 10, api_name="/resume_training"),
+            lambda: client.predict(api_name="/stop_training"),
+        ):
+            with pytest.raises(AppError, match=r"public demo.*training is switched off"):
+                call()
+        with pytest.raises(AppError, match=r"public demo.*uploading files is switched off"):
+            client.predict(handle_file(str(data / "stories.txt")), api_name="/upload_data")
+        with pytest.raises(AppError, match=r"public demo.*downloading models from the Hugging Face Hub"):
+            client.predict("someone/some-model", api_name="/load_hub")
+        assert manager.status().state == "idle" and not (data / "uploads").exists()
+        assert not (checkpoints / "hub").exists() and sorted(p.name for p in checkpoints.iterdir()) == ["small-run"]
+        # generation, step by step and inspection work for everyone
+        text, stats = client.predict(PROMPT, 5, 0.0, 0, 1.0, 0, api_name="/generate")
+        assert text.startswith(PROMPT) and "done" in stats
+        assert client.predict(PROMPT, 1.0, 0, 1.0, 0, api_name="/step_sample")[3].startswith("Drew")
+        assert client.predict("The cat sat.", 5, api_name="/inspect")[1]["tokens"]
+
+
+def test_settings_come_from_the_environment_and_flags(monkeypatch, tmp_path):
+    import app
+
+    monkeypatch.setenv("SLM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("SLM_DATA_DIR", str(tmp_path / "texts"))
+    monkeypatch.setenv("SLM_DEFAULT_MODEL", "run/best")
+    monkeypatch.setenv("SLM_DEMO", "1")
+    settings = app.settings_from_args(app.parse_args([]))
+    assert settings.checkpoints_dir == (tmp_path / "ckpt").resolve()
+    assert settings.data_dir == (tmp_path / "texts").resolve()
+    assert settings.default_model == "run/best" and settings.demo and not settings.zero_gpu
+    flags = app.settings_from_args(app.parse_args(["--default-model", "other/latest", "--no-demo"]))
+    assert flags.default_model == "other/latest" and not flags.demo

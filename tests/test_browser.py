@@ -25,6 +25,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TIMEOUT_MS = 60_000
+VIEWPORT = {"width": 1280, "height": 720}  # a projector
 
 
 def _browser_missing_reason() -> str | None:
@@ -63,7 +64,7 @@ def app(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, app, request):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(app["url"])
@@ -106,7 +107,7 @@ def test_generate_streams_into_the_page(page):
     with step(page, "generate"):
         page.locator("#generate-prompt textarea").fill("Once upon a time")
         page.click("#generate-button")
-        page.locator("#generate-stats").get_by_text("done").wait_for()
+        page.locator("#generate-stats").get_by_text("done").wait_for(timeout=180_000)  # a busy CPU is slow
         text = output.input_value()
         assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 10
         assert re.search(r"\d+ new tokens", page.locator("#generate-stats").inner_text())
@@ -118,19 +119,54 @@ def test_generate_streams_into_the_page(page):
         )
 
 
-def test_step_by_step_in_the_page(page):
+def on_screen(page, selector: str) -> bool:
+    """True when the element lies wholly inside the viewport as the page is now (nothing scrolled)."""
+    box = page.locator(selector).bounding_box()
+    return box is not None and box["x"] >= 0 and box["y"] >= 0 and \
+        box["x"] + box["width"] <= VIEWPORT["width"] and box["y"] + box["height"] <= VIEWPORT["height"]
+
+
+def test_step_by_step_fits_one_projector_screen(page):
     with step(page, "open"):
         open_tab(page, "Step by step")
-        page.locator("#step-chart img").wait_for(state="visible")
-        before = page.locator("#step-story").inner_text()
-    with step(page, "sample"):
+        page.locator("#step-chart .dist-row").first.wait_for(state="visible")
+        assert page.evaluate("window.scrollY") == 0
+        for selector in ("#step-prompt", "#step-story", "#step-sample", "#step-pick", "#step-undo", "#step-chart",
+                         "#step-temperature", "#step-top-k", "#step-top-p", "#step-seed", "#step-help"):
+            assert on_screen(page, selector), f"{selector} is not inside the 1280x720 screen"
+        assert page.locator("#step-chart .dist-token").count() == 8
+        before = page.locator("#step-chart").inner_html()
+        story_before = page.locator("#step-story").inner_text()
+    with step(page, "typed-temperature"):  # typing a value and Enter redraws the distribution
+        box = page.locator("#step-temperature input[type=number]")
+        box.fill("0.3")
+        box.press("Enter")
+        page.wait_for_function("b => document.querySelector('#step-chart').innerHTML !== b", arg=before)
+        assert "sampler · entropy" in page.locator("#step-chart").inner_text()
+    with step(page, "sample-announced"):
         page.click("#step-sample")
-        page.locator("#step-info").get_by_text("1 token added").wait_for()
-        assert page.locator("#step-story").inner_text() != before
+        info = page.locator("#step-info")
+        info.get_by_text(re.compile(r"Drew .+: [\d.]+%, rank \d+")).wait_for()
+        info.get_by_text("1 token added").wait_for()
+        assert page.locator("#step-story").inner_text() != story_before
     with step(page, "pick"):
-        page.locator("#step-choice label").first.click()
+        page.locator("#step-choice label").nth(1).click()
         page.click("#step-pick")
+        page.locator("#step-info").get_by_text(re.compile(r"You chose .+, rank 2")).wait_for()
         page.locator("#step-info").get_by_text("2 tokens added").wait_for()
+    with step(page, "hide-explanations"):
+        page.locator("#step-explain input").uncheck()
+        page.locator("#step-help").wait_for(state="hidden")
+
+
+def test_tokens_view(page):
+    with step(page, "tokens"):
+        open_tab(page, "Tokens")
+        page.locator("#tokens-text textarea").fill("Hello world")  # redrawn as the text changes
+        page.locator("#tokens-ids textarea").wait_for()
+        page.wait_for_function("() => document.querySelector('#tokens-ids textarea').value === '15496 995'")
+        page.locator("#tokens-summary").get_by_text("2 tokens").wait_for()
+        page.locator("#tokens-table").get_by_text("20 77 6f 72 6c 64").wait_for()  # the bytes of ' world'
 
 
 def test_inspect_in_the_page(page):
@@ -144,6 +180,11 @@ def test_inspect_in_the_page(page):
     with step(page, "choose-position"):
         page.locator("#inspect-tokens").get_by_text("cat").first.click()
         page.get_by_text(re.compile(r"After \*?\*?' cat'")).first.wait_for()
+    with step(page, "type-position"):  # typing a position and Enter moves there too
+        box = page.locator("#inspect-position input[type=number]")
+        box.fill("4")
+        box.press("Enter")
+        page.get_by_text(re.compile(r"After \*?\*?' the'.*\(position 4\)")).first.wait_for()
 
 
 def test_training_in_the_page(page):
@@ -164,18 +205,34 @@ def test_training_in_the_page(page):
     with step(page, "second-start-refused"):
         page.click("#train-start")
         page.get_by_text("already going").first.wait_for()
-    with step(page, "reload-reattaches"):
+    with step(page, "reload-shows-the-runs-settings"):
         page.reload()
         open_tab(page, "Train")
         page.locator("#train-status").get_by_text(re.compile(r"run tiny-")).wait_for()
         page.locator("#train-loss img").wait_for(state="visible")
+        page.wait_for_function("() => document.querySelector('#train-steps input').value === '2000'")
+        assert page.locator("#train-batch input").input_value() == "2"
+        assert page.locator("#train-context input").input_value() == "32"
+        assert page.locator("#train-data-file input").input_value() == "stories.txt"
     with step(page, "stop"):
         page.click("#train-stop")
         page.locator("#train-message").get_by_text("Stopping").wait_for()
         page.locator("#train-status").get_by_text(re.compile(r"stopped · run tiny-")).wait_for(timeout=180_000)
+    with step(page, "resume-after-reload-keeps-the-total"):
+        page.reload()
+        open_tab(page, "Train")
+        page.wait_for_function("() => document.querySelector('#train-run input').value.startsWith('tiny-')")
+        page.wait_for_function("() => document.querySelector('#train-steps input').value === '2000'")
+        page.click("#train-resume")
+        page.locator("#train-message").get_by_text("Resumed run").wait_for()
+        page.locator("#train-status").get_by_text(re.compile(r"running · run tiny-.* / 2,000")).wait_for(
+            timeout=180_000)
+        page.click("#train-stop")
+        page.locator("#train-status").get_by_text(re.compile(r"stopped · run tiny-.* / 2,000")).wait_for(
+            timeout=180_000)
     with step(page, "new-checkpoint-in-picker"):
         page.locator("#model-picker input").click()
-        page.get_by_role("option", name=re.compile(r"tiny-[0-9-]+.latest")).first.wait_for()
+        page.get_by_role("option", name=re.compile(r"tiny-[0-9-]+ · latest")).first.wait_for()
 
 
 def test_watch_it_learn_in_the_page(page, app):

@@ -116,3 +116,22 @@ def test_a_killed_worker_is_reported_as_failed_and_a_new_job_can_start(tmp_path:
     assert manager.stop() is True  # at once: the worker is still starting up
     final = manager.wait(timeout=120)
     assert final.state == "stopped", final.message
+
+
+def test_status_moves_between_log_steps_through_the_heartbeat(tmp_path: Path, new_manager) -> None:
+    manager = new_manager(tmp_path / "runs")
+    manager.start(long_config(tmp_path, log_every=100_000, eval_every=100_000))
+    # only the first step is ever logged, yet the status keeps moving (progress.json, about once a second)
+    status = wait_for(manager, lambda s: s.state == "running" and s.step >= 3)
+    assert [r["step"] for r in manager.metrics() if r["kind"] == "train"] == [1]
+    assert status.tokens == status.step * 4 * 32 and status.train_loss is not None and status.elapsed_s > 0
+    manager.stop()
+    assert manager.wait(timeout=120).state == "stopped"
+
+
+def test_a_start_that_fails_leaves_no_run_folder(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    manager = TrainingManager(runs, python=str(tmp_path / "no-such-python"))
+    with pytest.raises(OSError):
+        manager.start(long_config(tmp_path))
+    assert not runs.exists() or list(runs.iterdir()) == []

@@ -8,9 +8,11 @@ with a one-line message. The server never dies of a bad request and never shows 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +38,36 @@ class AppSettings:
     device: torch.device
     dtype: torch.dtype
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB  # the largest training-text upload accepted
+    default_model: str | None = None  # the picker value a new visitor gets (None: the best recent checkpoint)
+    demo: bool = False  # a public demo: training, uploads and Hub downloads are off
+    zero_gpu: bool = False  # a ZeroGPU Space: the GPU is lent per request (no training, no torch.compile)
 
     @property
     def allowed_roots(self) -> list[Path]:
         return [self.checkpoints_dir.resolve(), self.data_dir.resolve()]
+
+
+DEMO_REFUSAL = (
+    "This playground runs as a public demo (SLM_DEMO=1): {what} is switched off here. Generation, step by "
+    "step, tokens and inspection work for everyone. To train, run it yourself: `python app.py` on your own "
+    "machine, or duplicate this Space and leave SLM_DEMO unset."
+)
+ZERO_GPU_REFUSAL = (
+    "This Space runs on ZeroGPU, which lends a GPU to one request for seconds at a time, so a training run "
+    "cannot have one. Train on your own machine (`python train.py`), or on a Space with dedicated GPU hardware "
+    "(or a GPU notebook), push the checkpoint to the Hub and load it here by repo id."
+)
+
+
+def on_zero_gpu() -> bool:
+    """True on a Hugging Face ZeroGPU Space (it sets SPACES_ZERO_GPU and provides the `spaces` package)."""
+    return bool(os.environ.get("SPACES_ZERO_GPU")) and importlib.util.find_spec("spaces") is not None
+
+
+def refuse_in_demo(settings: AppSettings, what: str) -> None:
+    """A gr.Error saying that `what` is off in a public demo (nothing happens otherwise)."""
+    if settings.demo:
+        raise gr.Error(DEMO_REFUSAL.format(what=what))
 
 
 def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:

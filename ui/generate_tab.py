@@ -82,14 +82,16 @@ def prepare_prompt(
 
 
 def stream_text(
-    model: Gemma3LM, tokenizer: Tokenizer, ids: list[int], settings: SamplingSettings, greedy: bool = False
+    model: Gemma3LM, tokenizer: Tokenizer, ids: list[int], settings: SamplingSettings, greedy: bool = False,
+    compiled: bool | None = None,
 ) -> Iterator[tuple[str, int]]:
-    """(new text so far, tokens so far) after every token; stops at end-of-text (or end of turn)."""
+    """(new text so far, tokens so far) after every token; stops at end-of-text (or end of turn).
+    `compiled=False` keeps torch.compile out (ZeroGPU does not support it); None lets the engine choose."""
     decoder = tokenizer.stream_decoder()
     text, count = "", 0
     stops = tokenizer.stop_ids
     params = replace(settings.params, stop_ids=tuple(stops), **({"temperature": 0.0} if greedy else {}))
-    tokens = stream_generate(model, ids, settings.max_new_tokens, params)
+    tokens = stream_generate(model, ids, settings.max_new_tokens, params, compiled=compiled)
     for token in tokens:
         count += 1
         if token in stops:
@@ -118,14 +120,20 @@ def sampling_controls(max_new_default: int = 120) -> tuple[gr.components.Compone
     return max_new, temperature, top_k, top_p, seed
 
 
+def stopped(stats: str | None) -> str:
+    """The status line once Stop was pressed: the generation is over, so it no longer says 'generating…'."""
+    return (stats or "").replace("generating…", "stopped") or "stopped"
+
+
 def build_generate_tab(picker: ModelPicker) -> None:
     registry = picker.registry
+    compiled = False if registry.settings.zero_gpu else None  # ZeroGPU: no torch.compile
     with gr.Row():
         with gr.Column(scale=3):
             prompt_box = gr.Textbox(DEFAULT_PROMPT, lines=3, label="Prompt", elem_id="generate-prompt")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                stop = gr.Button("Stop")
+                stop = gr.Button("Stop", elem_id="generate-stop")
                 compare_button = gr.Button("Greedy vs sampled", elem_id="compare-button")
             output = gr.Textbox(lines=10, label="Text (prompt + generated)", elem_id="generate-output",
                                 elem_classes=["big-text"])
@@ -154,7 +162,7 @@ def build_generate_tab(picker: ModelPicker) -> None:
                                                                bool(chat))
         start = time.perf_counter()
         yield prompt, speed(0, 0.0, len(ids), dropped, False)
-        for new_text, count in stream_text(model, tokenizer, ids, settings):
+        for new_text, count in stream_text(model, tokenizer, ids, settings, compiled=compiled):
             yield prompt + new_text, speed(count, time.perf_counter() - start, len(ids), dropped, False)
         yield prompt + new_text, speed(count, time.perf_counter() - start, len(ids), dropped, True)
 
@@ -171,7 +179,8 @@ def build_generate_tab(picker: ModelPicker) -> None:
         ids, settings.max_new_tokens, _ = prepare_prompt(tokenizer, model, prompt, settings.max_new_tokens, bool(chat))
         greedy_text = sampled_text = ""
         pairs = itertools.zip_longest(
-            stream_text(model, tokenizer, ids, settings, greedy=True), stream_text(model, tokenizer, ids, settings)
+            stream_text(model, tokenizer, ids, settings, greedy=True, compiled=compiled),
+            stream_text(model, tokenizer, ids, settings, compiled=compiled),
         )
         for greedy_step, sampled_step in pairs:
             greedy_text = greedy_step[0] if greedy_step else greedy_text
@@ -180,6 +189,7 @@ def build_generate_tab(picker: ModelPicker) -> None:
 
     inputs = [prompt_box, *controls, chat_box, picker.state]
     event = run.click(generate, inputs, [output, stats], api_name="generate", concurrency_limit=4)
-    prompt_box.submit(generate, inputs, [output, stats], api_visibility="private", concurrency_limit=4)
-    stop.click(None, None, None, cancels=[event], api_visibility="private")
-    compare_button.click(compare, inputs, [greedy_out, sampled_out], api_name="compare", concurrency_limit=4)
+    submitted = prompt_box.submit(generate, inputs, [output, stats], api_visibility="private", concurrency_limit=4)
+    compared = compare_button.click(compare, inputs, [greedy_out, sampled_out], api_name="compare",
+                                    concurrency_limit=4)
+    stop.click(stopped, stats, stats, cancels=[event, submitted, compared], api_visibility="private")

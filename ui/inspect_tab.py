@@ -157,9 +157,13 @@ def build_inspect_tab(picker: ModelPicker) -> None:
             .then(show_position, [position_slider, state], position_outputs, api_visibility="private")
             .then(show_attention, [layer_box, head_box, state], [heatmap, grid], api_visibility="private")
         )
-    position_slider.release(show_position, [position_slider, state], position_outputs, api_name="inspect_position")
-    tokens.select(choose_token, None, position_slider, api_visibility="private").then(
-        show_position, [position_slider, state], position_outputs, api_visibility="private"
-    )
-    layer_box.input(show_attention, [layer_box, head_box, state], [heatmap, grid], api_name="attention")
-    head_box.input(show_attention, [layer_box, head_box, state], [heatmap, grid], api_visibility="private")
+    # .change fires on every way of setting the position: dragging, typing plus Enter, the arrow keys, a click
+    # on a token, and the reset after a new text (the chain above draws that one too when the value stays)
+    position_slider.change(show_position, [position_slider, state], position_outputs, api_name="inspect_position",
+                           trigger_mode="always_last", show_progress="hidden")
+    tokens.select(choose_token, None, position_slider, api_visibility="private")
+    attention_inputs = [layer_box, head_box, state]
+    layer_box.change(show_attention, attention_inputs, [heatmap, grid], api_name="attention",
+                     trigger_mode="always_last", show_progress="hidden")
+    head_box.change(show_attention, attention_inputs, [heatmap, grid], api_visibility="private",
+                    trigger_mode="always_last", show_progress="hidden")

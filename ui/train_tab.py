@@ -21,10 +21,10 @@ from slm.hub import is_repo_id
 from slm.jobs import JobStatus, TrainingBusyError, TrainingManager
 from slm.paths import create_new_file, inside
 from slm.plots import loss_figure
-from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainConfig
+from slm.train_config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, RUN_CONFIG_FILE, TrainConfig
 from slm.training import SAMPLES_FILE, read_metrics
 
-from .common import AppSettings, allowed_path, integer, number, user_errors
+from .common import ZERO_GPU_REFUSAL, AppSettings, allowed_path, integer, number, refuse_in_demo, user_errors
 from .inspect_tab import DEFAULT_TEXT as WATCH_TEXT
 from .models import ModelPicker
 from .watch_tab import newest_snapshot_view
@@ -55,6 +55,31 @@ def resumable_runs(checkpoints_dir: Path) -> list[str]:
     runs = [p.parent.parent for p in checkpoints_dir.rglob("latest/training_state.json")]
     runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [p.relative_to(checkpoints_dir).as_posix() for p in runs]
+
+
+def last_run(checkpoints_dir: Path) -> Path | None:
+    """The most recently written run folder (one with a run.json), or None."""
+    if not checkpoints_dir.is_dir():
+        return None
+    found = [p.parent for p in checkpoints_dir.rglob(RUN_CONFIG_FILE)]
+    return max(found, key=lambda p: (p / RUN_CONFIG_FILE).stat().st_mtime, default=None)
+
+
+def run_settings(run_dir: Path) -> TrainConfig | None:
+    """A run's own settings (its run.json, every default resolved), or None when unreadable."""
+    try:
+        return TrainConfig.load(run_dir / RUN_CONFIG_FILE)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def live_point(metrics: list[dict[str, Any]], status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The heartbeat's step and running loss as one more point on the loss curve, when it is past the last record."""
+    logged = max((r.get("step", 0) for r in metrics if r.get("kind") == "train"), default=0)
+    if status.get("state") not in ACTIVE or status.get("train_loss") is None or (status.get("step") or 0) <= logged:
+        return []
+    return [{"kind": "train", "step": status["step"], "tokens": status.get("tokens", 0),
+             "train_loss": status["train_loss"]}]
 
 
 def status_dict(status: JobStatus) -> dict[str, Any]:
@@ -161,11 +186,16 @@ def save_upload(source: Path, data_dir: Path, max_mb: float) -> str:
     return relative
 
 
-def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: TrainingManager | None) -> TrainingManager:
+def build_train_tab(
+    picker: ModelPicker, settings: AppSettings, manager: TrainingManager | None, tab: gr.Tab | None = None
+) -> TrainingManager:
     manager = manager or TrainingManager(runs_root=settings.checkpoints_dir)
     manager.allow([settings.data_dir])  # jobs read their text and write their token cache there
     checkpoints_dir, data_dir = settings.checkpoints_dir.resolve(), settings.data_dir.resolve()
     registry = picker.registry
+    if settings.demo or settings.zero_gpu:
+        gr.Markdown(("**Training is off in this public demo.** " if settings.demo else "")
+                    + ("" if settings.demo else ZERO_GPU_REFUSAL), elem_id="train-off")
 
     with gr.Row():
         with gr.Column():
@@ -216,6 +246,8 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     live_seen = gr.State(None)
     status_json = gr.JSON(visible=False)
     seen = gr.State(None)  # what this page last drew, so an unchanged status is not redrawn
+    form_run = gr.State(None)  # the run whose settings the form shows
+    steps_edited = gr.State(None)  # False once the form shows a run's settings, True after the user edits Steps
     timer = gr.Timer(POLL_SECONDS)
 
     def data_source(source_: str, data_file_: str | None) -> str:
@@ -241,10 +273,16 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         registry.get(str(folder))  # refuses a model without its tokenizer, before a job starts
         return folder
 
+    def refuse_training() -> None:
+        refuse_in_demo(settings, "training")
+        if settings.zero_gpu:
+            raise gr.Error(ZERO_GPU_REFUSAL)
+
     @user_errors
     def start_training(
         preset, source, stories, data_file, steps, batch_size, lr, context_length, minutes=0, init_from=None
     ):
+        refuse_training()
         data = data_source(source, data_file)
         max_steps = integer(steps if steps is not None else 0, "steps", 0, 10_000_000)
         max_time = number(minutes if minutes is not None else 0, "minutes", 0, 7 * 24 * 60) * 60
@@ -273,19 +311,24 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
 
     @user_errors
     def stop_training():
+        refuse_training()
         if manager.stop():
             return "Stopping: the run finishes its current step, saves a checkpoint, and stops."
         return "No training run is going."
 
     @user_errors
-    def resume_training(run, steps):
+    def resume_training(run, steps, edited=None):
+        """Continue `run`. From the page, Steps counts only when the user changed it (`edited`): else the run
+        keeps its own total. Through the API (`edited` None), Steps is the new total (0 or empty: keep it)."""
+        refuse_training()
         if not run:
             raise gr.Error("Choose a run to resume.")
         run_dir = allowed_path(run, [checkpoints_dir], base=checkpoints_dir)
         if not (run_dir / "latest" / "training_state.json").is_file():
             raise gr.Error(f"{run} has no latest/ checkpoint with a training state to resume from.")
         try:
-            manager.resume(run_dir, max_steps=integer(steps, "steps", 0, 10_000_000) or None)
+            keep = edited is False or steps in (None, "", 0)
+            manager.resume(run_dir, max_steps=None if keep else integer(steps, "steps", 1, 10_000_000))
         except TrainingBusyError as exc:
             raise gr.Error(f"A training run is already going: {exc}.") from None
         return f"Resumed run `{run_dir.name}`."
@@ -301,20 +344,79 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
         status = {**status, **run_extras(metrics)}
         runs = resumable_runs(checkpoints_dir)
         keys = [e.key for e in registry.entries()]
-        now = {"metrics": len(metrics), "sample": sample_text, "runs": runs, "keys": keys, "run": status.get("run_dir")}
+        now = {"metrics": len(metrics), "sample": sample_text, "runs": runs, "keys": keys, "run": status.get("run_dir"),
+               "step": status.get("step"), "state": status.get("state")}
         last = last or {}
         plot = gr.skip()
-        if now["metrics"] != last.get("metrics") or now["run"] != last.get("run"):
-            plot = loss_figure(metrics) if metrics else None
+        if any(now[k] != last.get(k) for k in ("metrics", "run", "step")):
+            plot = loss_figure([*metrics, *live_point(metrics, status)]) if metrics else None
         picker_update = gr.skip()
         if keys != last.get("keys") and last:
             entries = registry.entries()
             picker_update = gr.Dropdown(choices=[(e.label, e.key) for e in entries])
         runs_update = gr.Dropdown(choices=runs) if runs != last.get("runs") else gr.skip()
-        sample_update = sample_text if sample_text != last.get("sample") else gr.skip()
-        return now, status_markdown(status), plot, sample_update, picker_update, runs_update
+        sample_update = gr.skip()
+        if sample_text != last.get("sample"):
+            step = status.get("sample_step")
+            label = f"Sample story, written at step {step:,}" if step is not None else "Latest sample story"
+            sample_update = gr.Textbox(value=sample_text, label=label)
+        # a run that failed right after "Started run …": that message is no longer true
+        message_update = "" if now["state"] == "failed" and last.get("state") in ACTIVE else gr.skip()
+        return now, status_markdown(status), plot, sample_update, picker_update, runs_update, message_update
+
+    def form_values(run_dir: Path) -> tuple | None:
+        """The form's fields set to a run's own settings (run.json), or None when it has none readable."""
+        config = run_settings(run_dir)
+        if config is None:
+            return None
+        data = Path(config.data)
+        is_file = data.is_absolute() or data.exists()  # else a Hub dataset name
+        inside = data.resolve().is_relative_to(data_dir)
+        shown = data.resolve().relative_to(data_dir).as_posix() if inside else str(data)
+        files = data_files(data_dir)
+        name = run_dir.relative_to(checkpoints_dir).as_posix()
+        runs = resumable_runs(checkpoints_dir)
+        return (
+            config.preset, FILE_SOURCE if is_file else HUB_SOURCE, config.max_stories or 0,
+            gr.Dropdown(choices=files, value=shown) if is_file else gr.Dropdown(choices=files),
+            config.max_steps or 0, config.batch_size, config.lr, config.context_length or 0,
+            round(config.max_time / 60, 2) if config.max_time else 0, config.init_from or "",
+            gr.Dropdown(choices=runs, value=name if name in runs else None), name, False,
+        )
+
+    def fill_form(shown_run: str | None):
+        """On opening the tab: the data-file and run lists read now, and the form showing the running (or last)
+        run's real settings, unless it already shows that run (the user's edits stay)."""
+        status = manager.status()
+        run_dir = Path(status.run_dir) if status.run_dir else last_run(checkpoints_dir)
+        lists = [gr.Dropdown(choices=data_files(data_dir)), gr.Dropdown(choices=resumable_runs(checkpoints_dir))]
+        values = None
+        if (run_dir is not None and run_dir.is_relative_to(checkpoints_dir)
+                and run_dir.relative_to(checkpoints_dir).as_posix() != shown_run):
+            values = form_values(run_dir)
+        if values is None:
+            skip = gr.skip()
+            return skip, skip, skip, lists[0], skip, skip, skip, skip, skip, skip, lists[1], skip, skip
+        return values
+
+    @user_errors
+    def choose_run(run: str | None):
+        """The user chose a run to resume: show its settings (Resume then keeps its total)."""
+        if not run:
+            return (gr.skip(),) * 13
+        run_dir = allowed_path(run, [checkpoints_dir], base=checkpoints_dir)
+        values = form_values(run_dir)
+        if values is None:
+            raise gr.Error(f"{run} has no readable {RUN_CONFIG_FILE}: it is not a run folder.")
+        return values
+
+    def started():
+        status = manager.status()
+        name = Path(status.run_dir).relative_to(checkpoints_dir).as_posix() if status.run_dir else None
+        return name, False
 
     def uploaded(path: str | None):
+        refuse_in_demo(settings, "uploading files")
         if not path:
             return gr.skip(), gr.skip()
         relative = save_upload(Path(path), data_dir, settings.max_upload_mb)
@@ -329,16 +431,26 @@ def build_train_tab(picker: ModelPicker, settings: AppSettings, manager: Trainin
     timer.tick(watch_newest, [live_text, live_seen], [live_seen, live_info, live_tokens], api_visibility="private",
                show_progress="hidden")
     train_inputs = [preset_box, source, stories, data_file, steps, batch, lr, context, minutes, init_from_box]
-    start.click(start_training, train_inputs, message, api_name="start_training")
+    form = [*train_inputs, run_box, form_run, steps_edited]
+    # the old message goes first: a refused start must not leave "Started run …" of an earlier one on screen
+    start.click(lambda: "", None, message, api_visibility="private", queue=False).then(
+        start_training, train_inputs, message, api_name="start_training"
+    ).success(started, None, [form_run, steps_edited], api_visibility="private")
     stop.click(stop_training, None, message, api_name="stop_training")
-    resume.click(resume_training, [run_box, steps], message, api_name="resume_training")
+    resume.click(lambda: "", None, message, api_visibility="private", queue=False).then(
+        resume_training, [run_box, steps, steps_edited], message, api_name="resume_training"
+    )
+    steps.input(lambda: True, None, steps_edited, api_visibility="private", queue=False)
+    run_box.input(choose_run, run_box, form, api_visibility="private")
+    if tab is not None:
+        tab.select(fill_form, form_run, form, api_visibility="private")
     upload.upload(user_errors(uploaded), upload, [data_file, source], api_name="upload_data").success(
         lambda chosen: gr.Dropdown(choices=data_files(data_dir), value=chosen), data_file, data_file,
         api_visibility="private",
     )
     timer.tick(training_status, None, status_json, api_name="training_status", show_progress="hidden").then(
         render, [status_json, seen, picker.state],
-        [seen, status_md, loss_plot, sample, picker.dropdown, run_box],
+        [seen, status_md, loss_plot, sample, picker.dropdown, run_box, message],
         api_visibility="private", show_progress="hidden",
     )
     return manager
