@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .attention import attention_backend
 from .config import SLIDING
 from .model import Gemma3LM
 from .sampling import next_token_probabilities
@@ -177,7 +178,9 @@ def inspect_ids(
     with torch.inference_mode():
         # the layers once, keeping every hidden state and attention map; the (T, vocab) logits are never
         # held whole: with Gemma's 262,144 tokens they would be 1 GB in fp32 for 1,000 tokens
-        final, states, attentions = model._run_layers(input_ids, None, return_trace=True)
+        final, states, attentions = model._run_layers(
+            input_ids, model._positions(input_ids, None), attention_backend("eager"), None, return_trace=True
+        )
         seen, entropies, top_ids, top_probs = _next_token_statistics(model, final[0], ids, top_k)
     next_tokens = [
         NextTokenView(

@@ -78,7 +78,7 @@ def test_generation_stops_at_the_end_of_turn_token(lm):
     model = slm.load_model(lm.path)
     ids = lm.tokenizer.encode(PROMPT)
     with torch.no_grad():
-        final, _, _ = model._run_layers(torch.tensor([ids]), None, return_trace=False)
+        final = model.norm(model.trace(torch.tensor([ids])).hidden_states[-1])
         model.embed_tokens.weight[END_OF_TURN_ID] = 50 * final[0, -1] / final[0, -1].norm()
         assert int(model(torch.tensor([ids]))[0, -1].argmax()) == END_OF_TURN_ID
     steps = list(stream_text(model, lm.tokenizer, ids, SamplingSettings(10, SamplingParams(temperature=0.0))))
