@@ -60,6 +60,17 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def settings_from_args(args: argparse.Namespace):
+    """The app's settings from the flags (each of which has an environment variable behind it)."""
+    from ui.common import AppSettings, on_zero_gpu, pick_device
+
+    device, dtype = pick_device(args.device)
+    return AppSettings(
+        args.checkpoints.resolve(), args.data_dir.resolve(), device, dtype, max_upload_mb=args.max_upload_mb,
+        default_model=args.default_model, demo=args.demo, zero_gpu=on_zero_gpu(),
+    )
+
+
 def fetch_default_model(settings, registry) -> str | None:
     """A default model given as a Hub repo id (owner/name) that is no folder here is downloaded at start
     (a Space keeps its model on the Hub); returns the picker value to greet visitors with."""
@@ -86,20 +97,15 @@ def main(argv: list[str] | None = None) -> int:
               f"choose another with --port {args.port + 1}", file=sys.stderr)
         return 2
     from ui import build_app, launch_options  # gradio: imported once the arguments are known to be usable
-    from ui.common import AppSettings, on_zero_gpu, pick_device
     from ui.models import ModelRegistry
 
     try:
-        device, dtype = pick_device(args.device)
+        settings = settings_from_args(args)
     except (RuntimeError, ValueError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else "not a device name"
         print(f"error: --device {args.device!r} is not usable here ({reason}); use cpu, cuda or cuda:N",
               file=sys.stderr)
         return 2
-    settings = AppSettings(
-        args.checkpoints.resolve(), args.data_dir.resolve(), device, dtype, max_upload_mb=args.max_upload_mb,
-        default_model=args.default_model, demo=args.demo, zero_gpu=on_zero_gpu(),
-    )
     try:
         settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
