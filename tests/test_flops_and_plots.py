@@ -32,8 +32,9 @@ def test_matmul_flops_match_what_torch_counts_for_a_training_step() -> None:
     counts = counter.get_flop_counts()["Global"]
     measured = (counts[torch.ops.aten.mm] + counts.get(torch.ops.aten.addmm, 0)) / tokens.numel()
     predicted = 6 * matmul_parameters(config)
-    # the only difference: the forward logits also cover the 47 padding rows of the vocabulary
-    padding = 2 * (model.padded_vocab_size - config.vocab_size) * config.hidden_size
+    # the only difference: the head's three GEMMs (the forward logits and both gradients) also cover the 47
+    # padding rows of the vocabulary, which the fused loss masks rather than slices (aligned GEMMs)
+    padding = 6 * (model.padded_vocab_size - config.vocab_size) * config.hidden_size
     assert measured == predicted + padding
 
 

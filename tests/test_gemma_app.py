@@ -105,7 +105,8 @@ def test_step_by_step_shows_the_checkpoint_tokens(client, lm):
     story, _, _, _ = client.predict(PROMPT, 0.0, 0, 1.0, 0, api_name="/step_sample")
     with torch.no_grad():
         greedy = int(lm.model(torch.tensor([ids]))[0, -1].argmax())
-    assert story[-1] == {"token": tok.token_strings([greedy])[0], "class_or_confidence": "sampled"}
+    # the text is coloured by the probability each token was drawn with: a greedy draw had all of it
+    assert story[-1] == {"token": tok.token_strings([greedy])[0], "class_or_confidence": 1.0}
 
 
 def test_inspect_uses_the_checkpoint_tokenizer(client, lm):
