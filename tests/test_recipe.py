@@ -72,11 +72,13 @@ def test_resuming_a_time_boxed_run_continues_the_same_budget(tmp_path: Path) -> 
 
     first = train(time_config(tmp_path, 8.0), on_metrics=on_metrics, stop_event=stop)
     assert first.stopped and first.elapsed_s < 8.0
+    saved = json.loads((first.run_dir / "latest" / "training_state.json").read_text())["elapsed_s"]
+    assert 0 < saved <= first.elapsed_s  # the clock as saved (the final save itself is not charged)
     resumed = train(TrainConfig.from_dict({**TrainConfig.load(first.run_dir / "run.json").to_dict(), "resume": True}))
     assert not resumed.stopped and resumed.step > first.step
     records = train_records(resumed.run_dir)
     after = [r for r in records if r["step"] > first.step]
-    assert after[0]["elapsed_s"] > first.elapsed_s  # the clock continues from where it stopped
+    assert after[0]["elapsed_s"] > saved  # the clock continues from where it stopped
     assert 4.0 <= resumed.elapsed_s <= 8.0 + 60
     assert after[-1]["lr"] == pytest.approx(3e-4)
 
