@@ -3,15 +3,17 @@
 trained by a plain AdamW loop (bench/peer.py) on the same TinyStories sample, at fixed token budgets
 and at fixed wall-clock budgets. Held-out loss and bits per byte on every token of valid-first-1000.txt.
 
-    python bench/quality.py --peer-lr 2e-3 5e-3 --notes bench/QUALITY.md     # the whole judge (~1 h)
+    python bench/quality.py --peer-lr 2e-3 5e-3 --notes bench/QUALITY.md     # the whole judge (~80 min)
     python bench/quality.py --budgets 400k 5m --peer-lr 2e-3                   # some budgets only
 
-Each budget trains both sides at the same time, in processes of one thread each, so that a busy
-machine slows both alike. The first budget sweeps the peer's learning rate (one process per value of
---peer-lr); the later budgets give the peer the best of them. The time budgets count the whole wall
-time of each loop (our evaluations and samples included); the held-out scoring follows. Rows are
-appended to --rows as they finish, so a run cut short keeps what it measured; `--table ROWS` prints
-the table of such a file.
+On a quiet machine each side trains alone with all of the machine's threads, one after the other:
+what `train.py --max-time 300` gets on it. With --together both sides train at the same time in
+processes of one thread each, so that a busy machine slows both alike. The first budget sweeps the
+peer's learning rate (one run per value of --peer-lr); the later budgets give the peer the best of
+them. The time budgets count the whole wall time of each loop (our evaluations and samples
+included); the held-out scoring follows. Rows are appended to --rows as they finish, so a run cut
+short keeps what it measured; `--table ROWS` prints the table of such a file. --keep DIR keeps our
+time-boxed runs' folders (checkpoints, samples) as DIR/quality-5m and DIR/quality-15m.
 """
 
 from __future__ import annotations
@@ -44,11 +46,8 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
 
 
 def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: Path | None,
-             val_limit: int | None) -> None:
+             val_limit: int | None, keep: Path | None) -> None:
     """Train one side for one budget in this process and append its row to `out`."""
-    import torch
-
-    torch.set_num_threads(1)
     tokens, seconds = parse_budget(budget)
     if side == "ours":
         from bench.sweep import train_ours
@@ -69,6 +68,12 @@ def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: P
                                    stop_token_ids=[tokenizer.eot_id])
                     texts.append(prompt + tokenizer.decode([t for t in new if t != tokenizer.eot_id]))
                 greedy_file.write_text(json.dumps({"budget": budget, "texts": texts}, indent=1) + "\n")
+            if keep is not None and seconds is not None:
+                import shutil
+
+                target = keep / f"quality-{budget}"
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(row["run_dir"], target)
     else:
         from bench.peer import train_peer
 
@@ -99,21 +104,29 @@ def main() -> int:
     p.add_argument("--greedy", type=Path, help="write the greedy text of the 5-minute model here")
     p.add_argument("--notes", type=Path, help="append the table, with machine and date, to this file")
     p.add_argument("--table", type=Path, help="only print the table of a rows file")
+    p.add_argument("--together", action="store_true",
+                   help="train both sides at once, one thread each (a busy machine slows both alike)")
+    p.add_argument("--keep", type=Path, help="copy our time-boxed runs' folders here")
     p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
     if args.side:
-        one_side(args.side, args.budgets[0], args.peer_lr[0], args.rows, args.greedy, args.val_tokens or None)
+        one_side(args.side, args.budgets[0], args.peer_lr[0], args.rows, args.greedy, args.val_tokens or None,
+                 args.keep)
         return 0
     if args.table is None:
         peer_lrs = list(args.peer_lr)
         for k, budget in enumerate(args.budgets):
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+            env = dict(os.environ, PYTHONPATH=str(REPO), **({"OMP_NUM_THREADS": "1"} if args.together else {}))
             base = [sys.executable, __file__, "--budgets", budget, "--rows", str(args.rows),
                     "--val-tokens", str(args.val_tokens)]
             greedy = ["--greedy", str(args.greedy)] if args.greedy and budget == "5m" else []
-            commands = [[*base, "--side", "ours", *greedy]]
+            keep = ["--keep", str(args.keep)] if args.keep else []
+            commands = [[*base, "--side", "ours", *greedy, *keep]]
             commands += [[*base, "--side", "peer", "--peer-lr", str(lr)] for lr in peer_lrs]
-            codes = [c.wait() for c in [subprocess.Popen(command, env=env) for command in commands]]
+            if args.together:
+                codes = [c.wait() for c in [subprocess.Popen(command, env=env) for command in commands]]
+            else:
+                codes = [subprocess.run(command, env=env).returncode for command in commands]
             print(f"{time.strftime('%H:%M:%S')} budget {budget}: exit codes {codes}", flush=True)
             if k == 0 and len(peer_lrs) > 1:  # the peer's sweep: keep its best learning rate
                 rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
@@ -122,7 +135,8 @@ def main() -> int:
                     peer_lrs = [min(swept, key=lambda r: r["loss"])["lr"]]
                     print(f"the peer's best learning rate at {budget}: {peer_lrs[0]:g}", flush=True)
     rows = [json.loads(line) for line in (args.table or args.rows).read_text().splitlines() if line.strip()]
-    report = (f"### Quality judge ({time.strftime('%Y-%m-%d')}, {cpu_name()}, torch, revision {git_revision()})\n\n"
+    mode = "both sides at once, one thread each" if args.together else "each side alone, all threads"
+    report = (f"### Quality judge ({time.strftime('%Y-%m-%d')}, {cpu_name()}, {mode}, revision {git_revision()})\n\n"
               f"{table(rows)}\n")
     print("\n" + report)
     if args.notes:

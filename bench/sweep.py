@@ -6,6 +6,7 @@ time, throughput and the machine load. The token budget makes the result indepen
     python bench/sweep.py --tokens 200000 \\
         --run "optimizer=adamw,lr=1e-3" --run "optimizer=muon,lr=1e-2,embedding_lr=3e-2"
     python bench/sweep.py --tokens 400000 --peer-lr 1e-3 2e-3 4e-3   # the transformers AdamW loop
+    python bench/sweep.py --seconds 150 --run "" --run "model.num_layers=6"    # equal wall time
 
 A setting is `field=value` pairs of TrainConfig (`model.FIELD=value` for ModelConfig overrides,
 `init=zero-out` to start the attention and MLP output projections at zero).
@@ -68,7 +69,7 @@ def train_ours(setting: dict[str, Any], tokens: int | None, seconds: float | Non
     values.update(setting)
     if model:
         values["model"] = {**values.get("model", {}), **model}
-    if values.get("eval_every") is None and tokens is not None and seconds is None:
+    if values.get("eval_every") is None:
         values["eval_every"] = 10**9  # only the final evaluation
     config = TrainConfig(**values)
     original = training.build_model
@@ -106,6 +107,7 @@ HEAD = ("| setting | tokens | steps | time (s) | tokens/s | valid loss | valid b
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--seconds", type=float, help="a wall-clock budget instead of --tokens (compares shapes fairly)")
     p.add_argument("--run", action="append", default=[], help="a setting: field=value,field=value")
     p.add_argument("--peer-lr", type=float, nargs="*", default=[], help="transformers AdamW loop learning rates")
     p.add_argument("--val-tokens", type=int, default=65_536, help="held-out tokens scored (0: all)")
@@ -116,7 +118,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="slm-sweep-") as tmp:
         rows = []
         for spec in args.run:
-            r = train_ours(parse_setting(spec), args.tokens, None, Path(tmp), limit)
+            tokens = None if args.seconds else args.tokens
+            r = train_ours(parse_setting(spec), tokens, args.seconds, Path(tmp), limit)
             rows.append(row(spec or "defaults", r))
             print(rows[-1], flush=True)
             if args.log:
@@ -125,7 +128,7 @@ def main() -> int:
         for lr in args.peer_lr:
             from bench.peer import train_peer
 
-            r = train_peer(lr=lr, tokens=args.tokens, seconds=None, val_limit=limit)
+            r = train_peer(lr=lr, tokens=None if args.seconds else args.tokens, seconds=args.seconds, val_limit=limit)
             rows.append(row(f"transformers AdamW lr={lr}", r))
             print(rows[-1], flush=True)
             if args.log:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .model import Gemma3LM
+from .muon import Muon
 from .train_config import TrainConfig
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -96,11 +97,7 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
         )
     ]
     if muon_params:
-        # "match_rms_adamw" scales each update to AdamW's RMS, so `lr` reads like an AdamW learning rate.
-        muon = torch.optim.Muon(
-            muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True,
-            adjust_lr_fn="match_rms_adamw",
-        )
+        muon = Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True)
         for g in muon.param_groups:
             g["base_lr"] = config.lr
         optimizers.append(muon)

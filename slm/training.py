@@ -72,6 +72,7 @@ from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"  # the heartbeat: rewritten at most every HEARTBEAT_SECONDS
 HEARTBEAT_SECONDS = 1.0
+EVALUATION_SHARE = 0.05  # time-boxed runs: the most of the budget that evaluations, samples and saves may take
 STOP_FILE = "STOP"
 LATEST_DIR = "latest"
 BEST_DIR = "best"
@@ -566,10 +567,16 @@ class Trainer:
         return c.max_time is not None and self.elapsed() + 2 * self.step_seconds >= c.max_time
 
     def time_to_evaluate(self) -> bool:
-        """Time-boxed runs without `eval_every` evaluate a tenth of the budget after the previous evaluation
-        ended (so that on a slow machine evaluations cannot crowd out the training)."""
+        """Time-boxed runs without `eval_every` evaluate when `schedule_next_evaluation` said (so that on a
+        slow machine evaluations cannot crowd out the training)."""
         c = self.config
         return c.max_time is not None and c.eval_every is None and self.elapsed() >= self.next_eval_s
+
+    def schedule_next_evaluation(self, cost_s: float) -> None:
+        """A time-boxed run evaluates a tenth of its budget after the previous evaluation, or later when
+        evaluating (with its samples and save) is slow: evaluations never take more than EVALUATION_SHARE
+        of the budget (on a 2-core CPU, ten of them took over 10% of a 5-minute run)."""
+        self.next_eval_s = self.elapsed() + max(self.config.max_time / 10, cost_s / EVALUATION_SHARE)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -742,14 +749,15 @@ class Trainer:
                 final = self.step == c.max_steps or self.last_by_time
                 evaluate = (c.eval_every is not None and self.step % c.eval_every == 0) or final
                 evaluate = self.agreed_flags(evaluate or self.time_to_evaluate(), False)[0]
+                evaluation_started = time.perf_counter()
                 if self.step % c.log_every == 0 or self.step == 1 or evaluate:
                     self.log(grad_norm, evaluate)
-                if evaluate and c.max_time is not None:
-                    self.next_eval_s = self.elapsed() + c.max_time / 10
                 save_due = self.step % c.save_every == 0 if c.save_every is not None else evaluate
                 if (save_due or self.best_pending) and not final:
                     self.save_latest()
                     self.save_best_if_pending()
+                if evaluate and c.max_time is not None:
+                    self.schedule_next_evaluation(time.perf_counter() - evaluation_started)
                 self.keep_snapshot()
                 if final:
                     break

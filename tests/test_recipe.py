@@ -15,6 +15,7 @@ from training_helpers import quick_config, stories_file
 
 from slm.loading import load_model
 from slm.metrics import LN2, bits_per_byte, target_bytes
+from slm.muon import Muon, orthogonalize
 from slm.optim import lr_factor
 from slm.tokenizer import load_tokenizer
 from slm.train_config import TrainConfig, parse_duration
@@ -23,6 +24,37 @@ from slm.training import SAMPLE_PROMPTS, SAMPLES_FILE, read_metrics, train
 
 def train_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+# ----- Muon ----------------------------------------------------------------------------------------
+def test_orthogonalized_updates_have_all_singular_values_near_one() -> None:
+    torch.manual_seed(0)
+    for shape in [(64, 256), (256, 64), (3, 48, 192)]:  # wide, tall, and a batch of matrices
+        g = torch.randn(shape) * torch.logspace(-1, 0, shape[-1])  # unevenly scaled columns
+        s = torch.linalg.svdvals(orthogonalize(g))
+        assert s.min() > 0.6 and s.max() < 1.25, (shape, s.min(), s.max())
+
+
+def test_our_muon_takes_the_steps_of_torchs_muon() -> None:
+    """Same update rule as torch.optim.Muon (nesterov momentum, decoupled decay, AdamW-matched RMS):
+    the parameters after three steps differ only by torch's bf16 iteration's rounding."""
+    torch.manual_seed(0)
+    shapes = [(64, 256), (64, 256), (256, 64)]
+    ours = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    starts = [p.detach().clone() for p in ours]
+    a = Muon(ours, lr=1e-2, weight_decay=0.1)
+    b = torch.optim.Muon(theirs, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, start in zip(ours, theirs, starts, strict=True):
+        moved = (p - start).detach()
+        assert moved.pow(2).mean().sqrt() > 0.2 * 1e-2  # each step has AdamW's RMS, 0.2 x lr
+        assert (p - q).norm() < 0.05 * moved.norm()
 
 
 # ----- schedule ------------------------------------------------------------------------------------
