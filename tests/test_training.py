@@ -79,7 +79,7 @@ def test_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_path:
 
 def test_one_batch_equals_two_accumulated_half_batches(tmp_path: Path) -> None:
     data = stories_file(tmp_path)
-    # AdamW: Muon's Newton-Schulz iteration runs in bf16, which turns float-rounding differences between the
+    # AdamW: Muon's Newton-Schulz iteration magnifies float-rounding differences between the
     # two ways of summing the gradient into visible ones (the bitwise resume test covers Muon)
     whole = train(quick_config(tmp_path, data, out=str(tmp_path / "whole"), batch_size=8, grad_accum=1,
                                max_steps=3, eval_every=3, optimizer="adamw"))
