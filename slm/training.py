@@ -575,7 +575,7 @@ class Trainer:
     def schedule_next_evaluation(self, cost_s: float) -> None:
         """A time-boxed run evaluates a tenth of its budget after the previous evaluation, or later when
         evaluating (with its samples and save) is slow: evaluations never take more than EVALUATION_SHARE
-        of the budget (on a 2-core CPU, ten of them took over 10% of a 5-minute run)."""
+        of the budget (on the loaded 2-core CPU of bench/QUALITY.md they took up to 40% of a 5-minute run)."""
         self.next_eval_s = self.elapsed() + max(self.config.max_time / 10, cost_s / EVALUATION_SHARE)
 
     @torch.no_grad()
