@@ -254,6 +254,12 @@ class Gemma3LM(nn.Module):
         """Project normalised hidden states onto the vocabulary (padding rows dropped)."""
         return F.linear(hidden, self.head_weight)[..., : self.config.vocab_size]
 
+    def logits_slice(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The logits of vocabulary entries lo..hi-1 only (for statistics that stream over the vocabulary)."""
+        if not 0 <= lo < hi <= self.config.vocab_size:
+            raise ValueError(f"vocabulary slice [{lo}, {hi}) is outside [0, {self.config.vocab_size})")
+        return F.linear(hidden, self.head_weight[lo:hi])
+
     def _run_layers(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, cache: KVCache | None,
         return_trace: bool = False,

@@ -61,9 +61,29 @@ def test_next_token_candidates_and_entropy(small_model, tokenizer):
         assert [c.token_id for c in view.candidates] == top.indices.tolist()
         assert [c.probability for c in view.candidates] == pytest.approx(top.values.tolist(), rel=1e-4)
         assert [c.text for c in view.candidates] == tokenizer.token_strings(top.indices.tolist())
-        expected_entropy = float(torch.distributions.Categorical(logits=log_probs[position]).entropy())
-        assert view.entropy == pytest.approx(expected_entropy, rel=1e-4)
-        assert view.effective_choices == pytest.approx(math.exp(expected_entropy))
+        # the entropy streams over slices of the vocabulary (online softmax): exact to fp32 rounding,
+        # judged against float64 (an fp32 Categorical is itself ~4e-6 nats off here)
+        expected_entropy = float(torch.distributions.Categorical(logits=log_probs[position].double()).entropy())
+        assert view.entropy == pytest.approx(expected_entropy, rel=1e-6)
+        assert view.effective_choices == pytest.approx(math.exp(view.entropy))
+
+
+def test_statistics_merged_over_many_vocabulary_slices_equal_the_whole_softmax(small_model, tokenizer, monkeypatch):
+    """Slices of 997 entries (the last one partial): every position's maximum moves from slice to slice,
+    so the online-softmax merging is what is tested, against float64 over the whole vocabulary."""
+    ids = tokenizer.encode(TEXT)
+    monkeypatch.setattr("slm.inspection.LOGIT_CHUNK_ELEMENTS", len(ids) * 997)
+    result = inspect_ids(small_model, tokenizer, ids, top_k=6)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(small_model(torch.tensor([ids]))[0].double(), dim=-1)
+    expected_seen = [math.exp(log_probs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert result.token_probabilities[1:] == pytest.approx(expected_seen, rel=1e-4, abs=1e-7)
+    for position, view in enumerate(result.next_tokens):
+        top = torch.topk(log_probs[position].exp(), 6)
+        assert [c.token_id for c in view.candidates] == top.indices.tolist()
+        assert [c.probability for c in view.candidates] == pytest.approx(top.values.tolist(), rel=1e-4)
+        entropy = float(-(log_probs[position].exp() * log_probs[position]).sum())
+        assert view.entropy == pytest.approx(entropy, rel=1e-6)
 
 
 def test_attention_maps_follow_causality_and_the_sliding_window(small_model, tokenizer):
