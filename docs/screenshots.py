@@ -168,12 +168,18 @@ def main() -> None:
                 page.click("#train-resume")  # to the run's own total
             else:
                 page.get_by_text("A file in the data folder").click()
+                # the form shows the last run's own settings, whose data file may lie outside the data folder
+                first_text = sorted(args.data_dir.glob("*.txt"))[0].name
+                page.locator("#train-data-file input").fill(first_text)
+                page.locator("#train-data-file input").press("Enter")
                 page.locator("#train-steps input").fill(str(args.train_steps))
                 page.click("#train-start")
             page.locator("#train-status").get_by_text(re.compile(r"running · run")).wait_for()
-            page.locator("#train-status").get_by_text(  # the run has logged in this session
-                re.compile(rf"step {args.shot_at_step:,} / ")
-            ).wait_for(timeout=1_800_000)
+            page.wait_for_function(  # the status moves every ~2 s, so it may never show the exact step
+                "n => { const m = document.querySelector('#train-status').innerText.match(/step ([\\d,]+) \\//);"
+                " return m && parseInt(m[1].replaceAll(',', '')) >= n; }",
+                arg=args.shot_at_step, timeout=1_800_000,
+            )
             page.wait_for_function(
                 "document.querySelector('#train-sample textarea').value.length > 50", timeout=1_800_000
             )

@@ -89,6 +89,9 @@ def loss_figure(metrics: Iterable[dict[str, Any]], x: str = "tokens", title: str
     if ratio is not None:  # the same curves read in bits per UTF-8 byte of validation text
         right = axes.secondary_yaxis("right", functions=(lambda y: y * ratio, lambda b: b / ratio))
         right.set_ylabel("validation bits per byte")
+        right.yaxis.set_major_formatter(ScalarFormatter())  # "3", not a log axis's "3 x 10^0"
+        right.yaxis.set_minor_formatter(ScalarFormatter())
+        right.tick_params(axis="y", which="minor", labelsize=7)
     axes.grid(True, which="major", alpha=0.3)
     axes.legend()
     if title:
