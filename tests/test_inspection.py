@@ -69,8 +69,8 @@ def test_next_token_candidates_and_entropy(small_model, tokenizer):
 
 
 def test_statistics_merged_over_many_vocabulary_slices_equal_the_whole_softmax(small_model, tokenizer, monkeypatch):
-    """Slices of 997 entries (the last one partial): every position's maximum moves from slice to slice,
-    so the online-softmax merging is what is tested, against float64 over the whole vocabulary."""
+    """Slices of 997 entries (the last one partial), so each position's running maximum changes as slices
+    arrive: the online-softmax merging is what is tested, against float64 over the whole vocabulary."""
     ids = tokenizer.encode(TEXT)
     monkeypatch.setattr("slm.inspection.LOGIT_CHUNK_ELEMENTS", len(ids) * 997)
     result = inspect_ids(small_model, tokenizer, ids, top_k=6)
