@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -372,8 +371,8 @@ def prepare_data(
     folder = cache_dir / key
     if (folder / "meta.json").is_file():
         return _open_prepared(folder, reused=True)
-    for stale in cache_dir.glob(f".{key}.tmp-*"):  # left behind by an interrupted preparation
-        shutil.rmtree(stale, ignore_errors=True)
+    # atomic_directory removes the staging folders of interrupted preparations, and only theirs: another
+    # process preparing the same text at this moment keeps its folder, and the last to finish wins
 
     from tqdm.auto import tqdm
 

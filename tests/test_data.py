@@ -174,6 +174,49 @@ data.prepare_data(data.DataSpec({str(path)!r}), tok, {str(cache)!r}, progress=Fa
     assert not list(cache.glob(f".{key}.tmp-*"))  # the leftover was cleaned up
 
 
+def test_two_processes_preparing_the_same_text_at_once_both_succeed(tmp_path: Path) -> None:
+    """A second run (the Train tab beside a train.py) starts while the first is still tokenizing: the
+    second must not take the first's half-written folder for a leftover and delete it."""
+    stories = make_stories(1000, seed=6)
+    path = write_raw_txt(tmp_path / "s.txt", stories)
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    script = f"""
+import pathlib, time, slm.data as data
+from slm.tokenizer import load_tokenizer
+data.ENCODE_CHUNK_CHARS = 20_000
+tok = load_tokenizer()
+real = tok.encode_documents
+calls = []
+def paused(texts, num_threads=8):
+    calls.append(1)
+    if len(calls) == 5:
+        print("HALFWAY", flush=True)
+        deadline = time.monotonic() + 60
+        while not pathlib.Path({str(go)!r}).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return real(texts, num_threads=num_threads)
+tok.encode_documents = paused
+prepared = data.prepare_data(data.DataSpec({str(path)!r}), tok, {str(cache)!r}, progress=False)
+print("DONE", prepared.meta["train_tokens"], flush=True)
+"""
+    proc = subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "HALFWAY"
+        second = prepare(path, cache)  # runs to the end while the first is paused halfway
+        go.touch()
+        first_line = proc.stdout.readline().strip()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert first_line == f"DONE {second.meta['train_tokens']}"
+    again = prepare(path, cache)
+    assert again.reused and again.train.tolist() == second.train.tolist()
+    key = cache_key(DataSpec(str(path)), TOKENIZER)
+    assert [p.name for p in cache.iterdir()] == [key]  # no staging folder left behind
+
+
 def test_a_stop_request_during_preparation_caches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import slm.data
 
