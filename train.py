@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="continue the run in RUN (or in --out) from its latest checkpoint")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps [auto]")
     run.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                     help="autocast precision; weights stay fp32 [auto: bf16 or fp16 on GPUs, fp32 on CPU]")
+                     help="autocast precision; weights stay fp32 [auto: bf16 or fp16 on GPUs; on a CPU, bf16 "
+                          "where it has bf16 instructions (AVX512-BF16, AMX), else fp32]")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     run.add_argument("--eval-every", type=int, help="steps between evaluations [a tenth of the run]")
     run.add_argument("--eval-batches", type=int, help="fixed validation batches per evaluation [8]")

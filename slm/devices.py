@@ -54,6 +54,8 @@ def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32). Weights always stay fp32: they are the master copy."""
     dtype = DTYPES[requested]
     if dtype is None:  # auto
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_native_bf16() else None
         if device.type != "cuda":
             return None
         return torch.bfloat16 if native_bf16(device) else torch.float16
@@ -68,6 +70,13 @@ def describe_device(device: torch.device, world_size: int) -> str:
     else:
         name = device.type.upper()
     return f"{name} x{world_size}" if world_size > 1 else name
+
+
+def cpu_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX): there bf16 GEMMs run about twice as fast
+    as fp32 ones; elsewhere bf16 is emulated and slower, so training stays fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def native_bf16(device: torch.device) -> bool:

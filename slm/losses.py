@@ -2,32 +2,56 @@
 
 For a 50k vocabulary the logits dwarf every other activation: batch 16 x 1024 tokens is 3.3 GB in
 fp32, and autograd would keep them (and their gradient) alive. Here each chunk of rows is projected,
-its loss and its gradients are computed at once, and the chunk's logits are dropped: peak memory is
-one chunk, and backward is two multiplications by a scalar.
+its loss and its gradients are computed at once, and the next chunk overwrites its logits: peak
+memory is one chunk (a buffer reused between steps), and backward is two multiplications by a scalar.
 
 Mixed precision: under autocast the hidden states and the vocabulary matrix are cast to the autocast
-dtype once per call (outside the function, so autograd carries the gradient back to the fp32
-weights), and autocast is off inside, where nothing would otherwise stop a re-cast per chunk. The
-gradients computed in forward are kept in fp32 and multiplied by the incoming gradient in backward:
-that is where a GradScaler's loss scale arrives, so an fp16 gradient is formed only after scaling
-(unscaled, d(mean loss)/d(hidden) is ~1/N and underflows fp16). The padded vocabulary columns are
-masked to -inf rather than sliced off, so every GEMM keeps the padded, aligned width.
+dtype once per call, inside the function (autocast is off there, where nothing would otherwise stop
+a re-cast per chunk), and the GEMMs run in that dtype; the softmax is always fp32. The gradients are
+accumulated in fp32 and returned in the inputs' own dtypes (fp32 for fp32 master weights, with no
+round trip through bf16), multiplied by the incoming gradient in backward: that is where a
+GradScaler's loss scale arrives, so an fp16 gradient is formed only after scaling (unscaled,
+d(mean loss)/d(hidden) is ~1/N and underflows fp16). The padded vocabulary columns are masked to
+-inf rather than sliced off, so every GEMM keeps the padded, aligned width.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 CHUNK_ELEMENTS = 1 << 25  # ~32M logits (128 MB in fp32) per chunk
+
+_workspaces = threading.local()
 
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
+def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) buffer kept between chunks and calls (one per thread).
+
+    A fresh 128 MB tensor per chunk costs more than the arithmetic on it on a CPU: every page of
+    it is faulted in again (about 65 ms of a 210 ms logits GEMM on one core, measured), so the
+    logits live in one buffer that every step reuses. (CUDA's caching allocator does this anyway.)
+    """
+    buffers: dict[str, torch.Tensor | None] = _workspaces.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if (buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.shape[1] != cols
+            or buffer.shape[0] < rows):
+        buffers[name] = None  # free the old one before the new one is allocated
+        buffer = buffers[name] = torch.empty((rows, cols), dtype=dtype, device=device)
+    return buffer[:rows]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, ignore_index, need_grad):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, vocab_size, ignore_index, need_grad, dtype):  # type: ignore[override]
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        # the GEMMs run in `dtype`; the softmax and the gradients are fp32, returned in the inputs' dtypes
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
         n_rows = hidden.shape[0]
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)
@@ -36,11 +60,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_rows(weight.shape[0])
+        width, low_precision = weight.shape[0], dtype != torch.float32
+        chunk = min(step, n_rows)
+        logits_fp32 = _workspace("logits", chunk, width, torch.float32, hidden.device)
+        if low_precision:  # the GEMMs read and write these; the softmax is done in fp32 in the other
+            logits_low = _workspace("low", chunk, width, dtype, hidden.device)
+            if need_grad:
+                grad_weight_low = _workspace("grad_weight", width, weight.shape[1], dtype, hidden.device)
         for lo in range(0, n_rows, step):
             h = hidden[lo : lo + step]
             t = safe_targets[lo : lo + step]
+            rows = h.shape[0]
             row_weight = valid[lo : lo + step].float() / n_valid  # 1 / n_valid, or 0 for ignored rows
-            logits = (h @ weight.t()).float()
+            logits = logits_fp32[:rows]
+            if low_precision:
+                torch.mm(h, weight.t(), out=logits_low[:rows])
+                logits.copy_(logits_low[:rows])
+            else:
+                torch.mm(h, weight.t(), out=logits)
             logits[:, vocab_size:] = float("-inf")  # padding columns: probability 0, gradient 0
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             # The softmax is built in the logits' own buffer: one exp pass serves the loss and the gradient.
@@ -52,19 +89,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 # d(mean loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, zero elsewhere
                 grad_logits = probs.mul_((row_weight / total)[:, None])
-                grad_logits[torch.arange(len(t), device=t.device), t] -= row_weight
-                if weight.dtype == torch.float32:
-                    grad_hidden[lo : lo + step] = grad_logits @ weight
-                    torch.addmm(grad_weight, grad_logits.t(), h.float(), out=grad_weight)  # out=: FLOP counters see it
+                grad_logits[torch.arange(rows, device=t.device), t] -= row_weight
+                if not low_precision:
+                    torch.mm(grad_logits, weight, out=grad_hidden[lo : lo + step])
+                    torch.addmm(grad_weight, grad_logits.t(), h, out=grad_weight)  # out=: FLOP counters see it
                 else:
                     # fp16/bf16 GEMMs: grad_logits times n_valid lies in [-1, 1], where fp16 keeps its
                     # precision (divided by n_valid it would underflow); the factor comes off in fp32
-                    g = (grad_logits * n_valid).to(weight.dtype)
-                    grad_hidden[lo : lo + step] = (g @ weight).float() / n_valid
-                    grad_weight += (g.t() @ h).float() / n_valid
+                    g = logits_low[:rows].copy_(grad_logits.mul_(n_valid))
+                    torch.div((g @ weight).float(), n_valid, out=grad_hidden[lo : lo + step])
+                    grad_weight.add_(torch.mm(g.t(), h, out=grad_weight_low))
         if need_grad:
+            if low_precision:
+                grad_weight.div_(n_valid)
             ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
 
     @staticmethod
@@ -72,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_output).to(hidden_dtype), (grad_weight * grad_output).to(weight_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -82,14 +120,11 @@ def linear_cross_entropy(
 
     `hidden` is (N, d), `weight` is (padded_vocab, d); rows of the weight past `vocab_size` are padding
     and take no part. Equals `F.cross_entropy` on the full logits within floating-point tolerance.
-    Under autocast both are cast once to the autocast dtype here, and autocast is off inside.
+    Under autocast the GEMMs run in the autocast dtype (both inputs cast once per call).
     """
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    elif weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, need_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, need_grad, dtype)

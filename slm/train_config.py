@@ -92,7 +92,8 @@ class TrainConfig:
     out: str | None = None  # the run folder; None: checkpoints/<preset>-<date>-<time>
     seed: int = 1337
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    dtype: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else fp16; fp32 on CPU), "fp32", ...
+    # "auto": bf16 autocast on GPUs and CPUs that have bf16 (else fp16 on GPUs, fp32 on CPUs); "fp32", ...
+    dtype: str = "auto"
     compile: bool = False
     resume: bool = False
 

@@ -96,3 +96,28 @@ def test_bf16_autocast_casts_the_vocabulary_once_and_matches_fp32(monkeypatch):
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     assert (h.grad - ref_h).norm() / ref_h.norm() < 2e-2
     assert (w.grad[:VOCAB] - ref_w[:VOCAB]).norm() / ref_w.norm() < 2e-2
+
+
+def test_the_reused_logits_buffer_leaves_no_trace_between_calls(monkeypatch):
+    """The logits live in a buffer kept between calls (a fresh 128 MB one per chunk was slower than the
+    arithmetic on it): calls of other sizes and precisions in between change nothing."""
+    import slm.losses
+
+    monkeypatch.setattr(slm.losses, "CHUNK_ELEMENTS", PADDED * 64)
+
+    def run(rows: int, seed: int, autocast: bool):
+        hidden, weight, targets = data(rows, seed=seed)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = linear_cross_entropy(h, w, targets, VOCAB)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    first = run(50, 3, autocast=False)
+    run(300, 4, autocast=True)  # a larger buffer, a bf16 one, other values
+    run(20, 5, autocast=False)
+    again = run(50, 3, autocast=False)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    ref_loss, ref_h, ref_w = reference(*data(50, seed=3))
+    assert torch.allclose(first[2][:VOCAB], ref_w[:VOCAB], atol=1e-6)
+    assert abs(first[0].item() - ref_loss.item()) < 1e-5 and torch.allclose(first[1], ref_h, atol=1e-6)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from training_helpers import TINY_MODEL, make_stories, quick_config, stories_file, write_raw_txt
 
 from slm.data import DataSpec, prepare_data
+from slm.devices import cpu_native_bf16
 from slm.loading import list_checkpoints, load_model
 from slm.optim import lr_at, lr_factor, step_progress, warmup_factor
 from slm.tokenizer import load_tokenizer
@@ -101,7 +102,7 @@ def test_tiny_preset_learns_well_below_unigram_entropy(tmp_path: Path) -> None:
     data = write_raw_txt(tmp_path / "stories.txt", make_stories(400, seed=1))
     config = quick_config(
         tmp_path, data, model={}, context_length=64, batch_size=4, max_steps=60, lr=1e-2, warmup_steps=4,
-        eval_every=60, log_every=10, sample_tokens=0,
+        eval_every=60, log_every=10, sample_tokens=0, dtype="auto",
     )
     result = train(config)
     tokens = prepare_data(config.data_spec(), load_tokenizer(), config.cache_dir).train  # the run's own tokens
@@ -110,6 +111,8 @@ def test_tiny_preset_learns_well_below_unigram_entropy(tmp_path: Path) -> None:
     unigram_entropy = float(-(p * np.log(p)).sum())  # nats: the best loss a model without context can reach
     first = train_records(result.run_dir)[0]["train_loss"]
     assert first > 10.0  # starts near ln(50257) = 10.8
+    start = next(r for r in read_metrics(result.run_dir) if r["kind"] == "start")
+    assert start["precision"] == ("bfloat16" if cpu_native_bf16() else "float32")  # the default precision
     assert result.val_loss < unigram_entropy - 1.0, (result.val_loss, unigram_entropy)
     assert result.train_loss < unigram_entropy - 1.0
 
@@ -130,12 +133,13 @@ class StopOneStepLater(threading.Event):
         return self.polls > 1
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize(("optimizer", "dtype"), [("adamw", "fp32"), ("muon", "fp32"), ("muon", "auto")])
 def test_stop_and_resume_reproduce_an_uninterrupted_run_bit_for_bit(
-    tmp_path: Path, optimizer: str
+    tmp_path: Path, optimizer: str, dtype: str
 ) -> None:
+    """"auto": bf16 autocast on a CPU with bf16 instructions (AVX512-BF16, AMX), else fp32."""
     steps = 10
-    settings = dict(max_steps=steps, log_every=3, eval_every=4, optimizer=optimizer)
+    settings = dict(max_steps=steps, log_every=3, eval_every=4, optimizer=optimizer, dtype=dtype)
     straight = train(quick_config(tmp_path, stories_file(tmp_path), out=str(tmp_path / "straight"), **settings))
     event = StopOneStepLater()
 

@@ -74,6 +74,7 @@ def quick_config(tmp_path: Path, data: Path, **overrides: Any) -> Any:
         preset="tiny", model=dict(TINY_MODEL), context_length=32, data=str(data), cache_dir=str(tmp_path / "cache"),
         batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, eval_batches=2,
         sample_tokens=8, device="cpu", out=str(tmp_path / "run"), val_fraction=0.1,
+        dtype="fp32",  # exact comparisons; tests that want the default precision ask for "auto"
     )
     values.update(overrides)
     return TrainConfig(**values)
