@@ -37,6 +37,8 @@ def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype, device: torc
     it is faulted in again (about 65 ms of a 210 ms logits GEMM on one core, measured), so the
     logits live in one buffer that every step reuses. (CUDA's caching allocator does this anyway.)
     """
+    if torch.compiler.is_compiling():  # a traced graph plans its own memory; a cached tensor would tie graphs
+        return torch.empty((rows, cols), dtype=dtype, device=device)
     buffers: dict[str, torch.Tensor | None] = _workspaces.__dict__.setdefault("buffers", {})
     buffer = buffers.get(name)
     if (buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.shape[1] != cols
