@@ -153,6 +153,18 @@ def summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16 autocast", "float16": "fp16 autocast"}
+
+
+def start_line(record: dict[str, Any]) -> str:
+    """What the run is about to do, and on what: the first thing a terminal shows after data preparation."""
+    where = f"{record['device']}, {PRECISIONS.get(record['precision'], record['precision'])}"
+    what = (f"{record['parameters']:,} parameters, {record['tokens_per_step']:,} tokens per step, "
+            f"{record['train_tokens']:,} training tokens")
+    resumed = f", resuming at step {record['step']:,}" if record.get("resumed") else ""
+    return f"training on {where}: {what}{resumed}"
+
+
 def plain_error(exc: BaseException) -> str:
     """One line for an error torch raises, saying what to do when it is about memory."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -172,9 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     def draw_loss_plot(run_dir: Path) -> None:
         write_run_loss_plot(run_dir, read_metrics(run_dir))
 
+    def announce(record: dict[str, Any]) -> None:
+        if record.get("kind") == "start":
+            print(start_line(record), flush=True)
+
     try:
         config = build_config(args)
-        result = train(config, progress=not args.quiet, on_save=draw_loss_plot)
+        result = train(config, progress=not args.quiet, on_save=draw_loss_plot,
+                       on_metrics=None if args.quiet else announce)
     except (DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slm
 from bench.common import SHARED_TINYSTORIES, Table, append_results, interleaved
 from slm.config import count_parameters, preset
+from slm.devices import cpu_native_bf16
 from slm.hf import config_to_hf, state_to_hf
 from slm.model import Gemma3LM
 
@@ -63,16 +64,26 @@ def bench_forward(rounds: int) -> Table:
 
 
 def _train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+                x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None = None) -> Callable[[], None]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(x, y).backward()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = loss_fn(x, y)
+        loss.backward()
         optimizer.step()
     return step
 
 
-def bench_train_cpu(rounds: int, compile_too: bool) -> Table:
-    table = Table("Training step, CPU fp32 (tokens/s: forward, backward, AdamW step)",
+def bench_train_cpu(rounds: int, compile_too: bool) -> list[Table]:
+    tables = [_bench_train_cpu(rounds, compile_too, None)]
+    if cpu_native_bf16():  # what train.py's "auto" precision picks on this CPU
+        tables.append(_bench_train_cpu(rounds, False, torch.bfloat16))
+    return tables
+
+
+def _bench_train_cpu(rounds: int, compile_too: bool, autocast: torch.dtype | None) -> Table:
+    precision = "fp32" if autocast is None else "bf16 autocast (both sides)"
+    table = Table(f"Training step, CPU {precision} (tokens/s: forward, backward, AdamW step)",
                   ["model", "batch x length", "ours", "transformers", "ours / transformers"])
     for name, batch, length in (("tiny", 8, 256), ("gemma3-270m", 2, 256)):
         model = slm.build_model(preset(name), seed=0).train()
@@ -86,8 +97,8 @@ def bench_train_cpu(rounds: int, compile_too: bool) -> Table:
         adamw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # what slm.training uses
         ours_opt = torch.optim.AdamW(model.parameters(), **adamw)
         theirs_opt = torch.optim.AdamW(twin.parameters(), **adamw)
-        candidates = {"ours": _train_step(model.loss, ours_opt, x, y),
-                      "theirs": _train_step(theirs_loss, theirs_opt, x, y)}
+        candidates = {"ours": _train_step(model.loss, ours_opt, x, y, autocast),
+                      "theirs": _train_step(theirs_loss, theirs_opt, x, y, autocast)}
         if compile_too:
             candidates["ours compiled"] = _train_step(torch.compile(model.loss), ours_opt, x, y)
         t = interleaved(candidates, rounds)
@@ -295,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if section == "forward":
             result = [bench_forward(args.rounds)]
         elif section == "train":
-            result = [bench_train_cpu(args.rounds, args.compile)]
+            result = bench_train_cpu(args.rounds, args.compile)
         elif section == "decode":
             result = [bench_decode_cpu(max(3, args.rounds // 2))]
         elif section == "inspect":
