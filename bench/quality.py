@@ -79,7 +79,7 @@ def one_side(side: str, budget: str, lr: float | None, out: Path, greedy_file: P
 
         row = train_peer(lr=lr, tokens=tokens, seconds=seconds, val_limit=val_limit)
     row = {k: v for k, v in row.items() if k != "run_dir"}
-    row.update(side=side, budget=budget, lr=lr)
+    row.update(side=side, budget=budget, lr=lr if side == "peer" else None)
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
 
