@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slm
 from bench.common import SHARED_TINYSTORIES, Table, append_results, interleaved
 from slm.config import count_parameters, preset
-from slm.devices import cpu_native_bf16
+from slm.devices import native_bf16
 from slm.hf import config_to_hf, state_to_hf
 from slm.model import Gemma3LM
 
@@ -76,7 +76,7 @@ def _train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], o
 
 def bench_train_cpu(rounds: int, compile_too: bool) -> list[Table]:
     tables = [_bench_train_cpu(rounds, compile_too, None)]
-    if cpu_native_bf16():  # what train.py's "auto" precision picks on this CPU
+    if native_bf16(torch.device("cpu")):  # what train.py's "auto" precision picks on this CPU
         tables.append(_bench_train_cpu(rounds, False, torch.bfloat16))
     return tables
 

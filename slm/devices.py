@@ -54,11 +54,9 @@ def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32). Weights always stay fp32: they are the master copy."""
     dtype = DTYPES[requested]
     if dtype is None:  # auto
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_native_bf16() else None
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else None
     return None if dtype == torch.float32 else dtype
 
 
@@ -72,15 +70,12 @@ def describe_device(device: torch.device, world_size: int) -> str:
     return f"{name} x{world_size}" if world_size > 1 else name
 
 
-def cpu_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16, AMX): there bf16 GEMMs run about twice as fast
-    as fp32 ones; elsewhere bf16 is emulated and slower, so training stays fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def native_bf16(device: torch.device) -> bool:
-    """bf16 where the hardware has it (Ampere and newer), not merely emulated (T4, V100)."""
+    """bf16 where the hardware has it, not merely emulated: GPUs from Ampere on (not T4, V100), and
+    CPUs with bf16 instructions (AVX512-BF16, AMX), where bf16 GEMMs run about twice as fast as fp32."""
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
     if device.type != "cuda":
         return False
     try:

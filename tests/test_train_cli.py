@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from training_helpers import PYTHON, REPO, stories_file, subprocess_env
 
 from slm.config import preset
-from slm.devices import cpu_native_bf16
+from slm.devices import native_bf16
 from slm.loading import load_model
 from slm.model import build_model
 from slm.sampling import generate
@@ -53,7 +53,7 @@ def test_a_short_run_shows_progress_and_leaves_a_loadable_checkpoint_and_loss_pl
     result = run_train(*small_run_flags(tmp_path), "--max-steps", "6", "--eval-every", "3", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "training" in result.stderr and "6/6" in result.stderr  # the progress bar
-    precision = "bf16 autocast" if cpu_native_bf16() else "fp32"
+    precision = "bf16 autocast" if native_bf16(torch.device("cpu")) else "fp32"
     assert "training on CPU (" in result.stdout and f" threads), {precision}: " in result.stdout
     assert "64 tokens per step" in result.stdout  # 2 x 32
     assert "finished at step 6/6" in result.stdout and "val loss" in result.stdout and str(out) in result.stdout

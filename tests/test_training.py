@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from training_helpers import TINY_MODEL, make_stories, quick_config, stories_file, write_raw_txt
 
 from slm.data import DataSpec, prepare_data
-from slm.devices import cpu_native_bf16
+from slm.devices import native_bf16
 from slm.loading import list_checkpoints, load_model
 from slm.optim import lr_at, lr_factor, step_progress, warmup_factor
 from slm.tokenizer import load_tokenizer
@@ -112,7 +112,7 @@ def test_tiny_preset_learns_well_below_unigram_entropy(tmp_path: Path) -> None:
     first = train_records(result.run_dir)[0]["train_loss"]
     assert first > 10.0  # starts near ln(50257) = 10.8
     start = next(r for r in read_metrics(result.run_dir) if r["kind"] == "start")
-    assert start["precision"] == ("bfloat16" if cpu_native_bf16() else "float32")  # the default precision
+    assert start["precision"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     assert result.val_loss < unigram_entropy - 1.0, (result.val_loss, unigram_entropy)
     assert result.train_loss < unigram_entropy - 1.0
 

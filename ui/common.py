@@ -75,7 +75,8 @@ def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA GPU is available on this machine")
-    if native_bf16(device):  # not emulated bf16 (T4, V100): slower than fp32 there
+    # not emulated bf16 (T4, V100): slower than fp32 there; a CPU keeps fp32, whose probabilities the tabs show
+    if device.type == "cuda" and native_bf16(device):
         return device, torch.bfloat16
     return device, torch.float32
 
