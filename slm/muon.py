@@ -2,9 +2,10 @@
 iteration, so every direction of the matrix moves at the same rate (K. Jordan et al., 2024).
 
 Ours rather than `torch.optim.Muon` because that one always iterates in bf16, which a CPU without bf16
-arithmetic (AVX2) emulates: on this project's 2-core development machine it took 980 ms of a 1.5 s
-`tiny` step; in fp32 the same iteration takes a few tens of milliseconds. On a CUDA GPU the iteration
-runs in bf16 on the tensor cores, as there. Matrices of one shape are orthogonalised together in one
+arithmetic (AVX2) emulates: there it took 980 ms of a 1.5 s `tiny` step, where fp32 takes a few tens
+of milliseconds. The training loop picks the iteration's dtype with the run's precision: bf16 where
+the run trains in bf16 (CUDA tensor cores, CPUs with AVX512-BF16 or AMX: about half the time of
+fp32 there), fp32 otherwise. Matrices of one shape are orthogonalised together in one
 batched product. Hyperparameter names and the optimizer state ("momentum_buffer") match torch's, so a
 run saved with either resumes with the other.
 """
@@ -37,11 +38,6 @@ def orthogonalize(matrices: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dt
     return x if wide else x.mT
 
 
-def iteration_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware multiplies it natively (CUDA), fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights. The step of a (rows x cols) matrix is scaled by 0.2·sqrt(max(rows, cols)),
     which gives it the RMS of an AdamW update: `lr` reads like an AdamW learning rate (torch's
@@ -49,12 +45,13 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float = 1e-2,
                  weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = NS_STEPS) -> None:
+                 ns_steps: int = NS_STEPS, ns_dtype: torch.dtype = torch.float32) -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ValueError(f"invalid Muon settings: lr={lr}, momentum={momentum}, "
                              f"weight_decay={weight_decay}, ns_steps={ns_steps}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype  # the Newton-Schulz iteration's dtype (not a group field: groups are saved as JSON)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -79,8 +76,8 @@ class Muon(torch.optim.Optimizer):
                 buffer.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 by_shape[(tuple(p.shape), p.device)].append((p, update))
-            for (shape, device), items in by_shape.items():
-                updates = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"], iteration_dtype(device))
+            for (shape, _device), items in by_shape.items():
+                updates = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"], self.ns_dtype)
                 step_size = lr * 0.2 * math.sqrt(max(shape))
                 for (p, _), update in zip(items, updates, strict=True):
                     p.mul_(1 - lr * group["weight_decay"])

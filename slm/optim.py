@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .devices import autocast_dtype
 from .model import Gemma3LM
 from .muon import Muon
 from .train_config import TrainConfig
@@ -97,7 +98,10 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
         )
     ]
     if muon_params:
-        muon = Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True)
+        # Newton-Schulz in bf16 where the run trains in bf16 (the hardware multiplies it natively)
+        ns_dtype = torch.bfloat16 if autocast_dtype(config.dtype, device) == torch.bfloat16 else torch.float32
+        muon = Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True,
+                    ns_dtype=ns_dtype)
         for g in muon.param_groups:
             g["base_lr"] = config.lr
         optimizers.append(muon)
