@@ -13,12 +13,17 @@ round trip through bf16), multiplied by the incoming gradient in backward: that 
 GradScaler's loss scale arrives, so an fp16 gradient is formed only after scaling (unscaled,
 d(mean loss)/d(hidden) is ~1/N and underflows fp16). The padded vocabulary columns are masked to
 -inf rather than sliced off, so every GEMM keeps the padded, aligned width.
+
+`TrainingVocabulary` computes the same loss over the whole vocabulary at the cost of the ids a
+training text uses (see its docstring): for TinyStories about 7k of GPT-2's 50,257.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
+import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 25  # ~32M logits (128 MB in fp32) per chunk
@@ -50,7 +55,7 @@ def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype, device: torc
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, ignore_index, need_grad, dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, vocab_size, ignore_index, need_grad, dtype, bias):  # type: ignore[override]
         ctx.dtypes = (hidden.dtype, weight.dtype)
         # the GEMMs run in `dtype`; the softmax and the gradients are fp32, returned in the inputs' dtypes
         hidden, weight = hidden.to(dtype), weight.to(dtype)
@@ -80,6 +85,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits.copy_(logits_low[:rows])
             else:
                 torch.mm(h, weight.t(), out=logits)
+            if bias is not None:
+                logits.add_(bias)
             logits[:, vocab_size:] = float("-inf")  # padding columns: probability 0, gradient 0
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             # The softmax is built in the logits' own buffer: one exp pass serves the loss and the gradient.
@@ -112,16 +119,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_output).to(hidden_dtype), (grad_weight * grad_output).to(weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mean over non-ignored rows of cross_entropy(hidden @ weight[:vocab_size].T, targets).
+    """mean over non-ignored rows of cross_entropy(hidden @ weight[:vocab_size].T + bias, targets).
 
     `hidden` is (N, d), `weight` is (padded_vocab, d); rows of the weight past `vocab_size` are padding
-    and take no part. Equals `F.cross_entropy` on the full logits within floating-point tolerance.
+    and take no part. `bias` (padded_vocab,), fp32, is added to the logits (no gradient).
+    Equals `F.cross_entropy` on the full logits within floating-point tolerance.
     Under autocast the GEMMs run in the autocast dtype (both inputs cast once per call).
     """
     device_type = hidden.device.type
@@ -129,4 +138,99 @@ def linear_cross_entropy(
     dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, need_grad, dtype)
+        return _LinearCrossEntropy.apply(
+            hidden, weight, targets, vocab_size, ignore_index, need_grad, dtype, bias
+        )
+
+
+# ----- the vocabulary of a training text -----------------------------------------------------------
+COLUMN_ALIGNMENT = 64  # the shortcut's GEMM width is padded to a multiple of this (masked columns)
+
+
+class _GatherColumns(torch.autograd.Function):
+    """weight[columns], whose backward gives every unused row an equal share of the shared column's gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, columns, used, unused):  # type: ignore[override]
+        ctx.save_for_backward(used, unused)
+        ctx.weight_shape = weight.shape
+        return weight[columns]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        used, unused = ctx.saved_tensors
+        n_used = used.numel()
+        full = grad.new_zeros(ctx.weight_shape)
+        full.index_copy_(0, used, grad[:n_used])
+        # d loss / d row, for each unused row: its softmax share is 1/count of the shared column's
+        full.index_copy_(0, unused, (grad[n_used] / unused.numel()).expand(unused.numel(), -1))
+        return full, None, None, None
+
+
+class TrainingVocabulary:
+    """The token ids a training text uses: a loss exact over the whole vocabulary at the cost of those ids.
+
+    The output rows of ids the text never uses (as targets or inputs) take part only in the softmax's
+    denominator. If those rows are all equal, each has the logit h.u, so together they are one column
+    with logit h.u + log(count), and each row's gradient is that column's divided by the count:
+    equal gradients keep equal rows equal under an element-wise optimizer (AdamW, with weight decay).
+    A fresh model starts them equal (`share_unused_rows`; zero, where a random row would be noise the
+    text never corrects); a resumed run is checked (`rows_are_shared`) and an imported model, whose
+    rows differ, trains over the full vocabulary. TinyStories uses ~7k of GPT-2's 50,257 ids: the
+    output GEMMs, most of a small model's FLOPs, shrink about seven-fold; the model and what it can
+    generate stay a plain full-vocabulary model.
+    """
+
+    def __init__(self, used: torch.Tensor, vocab_size: int) -> None:
+        used = torch.unique(used.to(torch.int64))
+        if used.numel() == 0 or int(used[0]) < 0 or int(used[-1]) >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}) and not be empty")
+        mask = torch.ones(vocab_size, dtype=torch.bool)
+        mask[used] = False
+        self.used, self.unused = used, mask.nonzero().squeeze(1)
+        if self.unused.numel() == 0:
+            raise ValueError("the text uses every id of the vocabulary: nothing to share")
+        self.vocab_size = vocab_size
+        self.width = used.numel() + 1  # the used ids' columns, then the shared one
+        padded = -(-self.width // COLUMN_ALIGNMENT) * COLUMN_ALIGNMENT
+        filler = self.unused[:1].expand(padded - self.width)  # masked to -inf: no probability, no gradient
+        self.columns = torch.cat([used, self.unused[:1], filler])
+        self.bias = torch.zeros(padded, dtype=torch.float32)
+        self.bias[used.numel()] = math.log(self.unused.numel())
+        self.column_of = torch.full((vocab_size,), -1, dtype=torch.int64)
+        self.column_of[used] = torch.arange(used.numel())
+
+    @classmethod
+    def of_tokens(cls, tokens: np.ndarray, vocab_size: int) -> TrainingVocabulary | None:
+        """The vocabulary of a token stream, or None when it uses every id, or none (no shortcut to take)."""
+        seen = np.zeros(vocab_size, dtype=bool)
+        for lo in range(0, len(tokens), 1 << 24):  # in slices: a memory-mapped epoch of TinyStories is ~1 GB
+            chunk = np.asarray(tokens[lo : lo + (1 << 24)])
+            if chunk.size and int(chunk.max()) >= vocab_size:
+                raise ValueError(f"the tokens hold id {int(chunk.max())}; the vocabulary has {vocab_size}")
+            seen[chunk] = True
+        used = torch.from_numpy(np.flatnonzero(seen))
+        return cls(used, vocab_size) if 0 < used.numel() < vocab_size else None
+
+    def to(self, device: torch.device | str) -> TrainingVocabulary:
+        for name in ("used", "unused", "columns", "bias", "column_of"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @torch.no_grad()
+    def share_unused_rows(self, weight: torch.Tensor) -> None:
+        """Set the rows of unused ids to zero (a fresh model's weights, before training)."""
+        weight[self.unused.to(weight.device)] = 0
+
+    @torch.no_grad()
+    def rows_are_shared(self, weight: torch.Tensor) -> bool:
+        rows = weight[self.unused.to(weight.device)]
+        return bool((rows == rows[:1]).all())
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+             ignore_index: int = -100) -> torch.Tensor:
+        """`linear_cross_entropy(hidden, weight, targets, vocab_size)`; targets must be used ids (or ignored)."""
+        columns = _GatherColumns.apply(weight, self.columns, self.used, self.unused)
+        ignored = targets == ignore_index
+        targets = torch.where(ignored, targets, self.column_of[targets.masked_fill(ignored, 0)])
+        return linear_cross_entropy(hidden, columns, targets, self.width, ignore_index, bias=self.bias)

@@ -25,7 +25,7 @@ from torch import nn
 from .attention import AttentionFn, attention_backend, flex_attention_available, triton_available
 from .config import GLOBAL, SLIDING, ModelConfig
 from .kv_cache import KVCache, LayerKVCache
-from .losses import linear_cross_entropy
+from .losses import TrainingVocabulary, linear_cross_entropy
 from .masks import sliding_causal_mask, window_mask
 
 VOCAB_MULTIPLE = 64  # the embedding is padded to this many rows: aligned matmuls, hidden from users
@@ -328,10 +328,17 @@ class Gemma3LM(nn.Module):
             backend = "flex" if use_flex else "sdpa"
         return attention_backend(backend)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist."""
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             vocabulary: TrainingVocabulary | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist.
+
+        With the training text's `vocabulary` (whose unused rows this model shares), the same loss at
+        the cost of the ids the text uses.
+        """
         positions = self._positions(input_ids, None)
         hidden, _, _ = self._run_layers(input_ids, positions, self._training_attention(input_ids.device), None)
+        if vocabulary is not None:
+            return vocabulary.loss(hidden.flatten(0, 1), self.head_weight, targets.flatten(), ignore_index)
         return linear_cross_entropy(
             hidden.flatten(0, 1), self.head_weight, targets.flatten(), self.config.vocab_size, ignore_index
         )

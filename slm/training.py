@@ -52,6 +52,7 @@ from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
 from .flops import device_peak_flops, mfu, training_flops_per_token
 from .loading import LoadedModel, load
+from .losses import TrainingVocabulary
 from .metrics import bpb_from_mean_loss
 from .model import Gemma3LM, build_model
 from .optim import (
@@ -88,12 +89,13 @@ SAMPLES_FILE = "samples.jsonl"
 class LossModule(nn.Module):
     """Routes `forward` to `model.loss`, so DDP's hooks and torch.compile see the loss computation."""
 
-    def __init__(self, model: Gemma3LM) -> None:
+    def __init__(self, model: Gemma3LM, vocabulary: TrainingVocabulary | None = None) -> None:
         super().__init__()
         self.model = model
+        self.vocabulary = vocabulary
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(inputs, targets)
+        return self.model.loss(inputs, targets, vocabulary=self.vocabulary)
 
 
 # ----- metrics -------------------------------------------------------------------------------------
@@ -312,11 +314,22 @@ class Trainer:
         else:
             self.model_config = c.model_config()
             self.model = build_model(self.model_config, device=self.device, seed=c.seed)
+        vocabulary = None if imported is not None else TrainingVocabulary.of_tokens(
+            data.train, self.model_config.vocab_size)
+        if vocabulary is not None and not c.resume:
+            vocabulary.share_unused_rows(self.model.head_weight)
         self.model.train()
         self.optimizers = build_optimizers(self.model, c, self.device)
         if c.resume:
             self.load_state()
-        loss_module: nn.Module = LossModule(self.model)
+        # the loss over the whole vocabulary at the cost of the text's ids, where the weights allow it
+        # (an imported model's rows differ, and so do those of runs from before the shortcut)
+        if vocabulary is not None and not vocabulary.rows_are_shared(self.model.head_weight):
+            vocabulary = None
+        self.vocabulary = vocabulary.to(self.device) if vocabulary is not None else None
+        loss_module: nn.Module = LossModule(self.model, self.vocabulary)
+        # evaluation scores every id: held-out text may hold ids the training text lacks
+        eval_module = LossModule(self.model)
         plain = torch.compile(loss_module) if c.compile else loss_module
         if self.dist.enabled:
             # DDP first, then compile: the compiled graph is split at DDP's buckets so that gradient
@@ -326,7 +339,8 @@ class Trainer:
             loss_module = torch.compile(loss_module) if c.compile else loss_module
         else:
             loss_module = plain
-        self.eval_loss_module = plain  # evaluation needs no DDP: ranks score different windows
+        # evaluation needs no DDP: ranks score different windows
+        self.eval_loss_module = torch.compile(eval_module) if c.compile else eval_module
         self.loss_module = loss_module
         self.tokens_per_step = c.batch_size * c.grad_accum * c.context_length * self.dist.world_size
         self.flops_per_token = training_flops_per_token(self.model_config, self.sampler.length)
@@ -716,6 +730,8 @@ class Trainer:
             "parameters": count_parameters(self.model_config).total, "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops, "train_tokens": self.data_meta["train_tokens"],
             "val_tokens": self.data_meta["val_tokens"], "resumed": c.resume, "time": time.time(),
+            "vocabulary": self.model_config.vocab_size,
+            "trained_columns": self.vocabulary.width if self.vocabulary is not None else self.model_config.vocab_size,
         })
         if self.progress:
             from tqdm.auto import tqdm

@@ -208,6 +208,11 @@ def test_train_init_from_keeps_the_imported_tokenizer_and_vocabulary(tmp_path):
     before, after = imported.model.embed_tokens.weight, trained.model.embed_tokens.weight
     change = ((after - before).norm() / before.norm()).item()
     assert 0 < change < 0.1
+    # its rows for ids the stories lack differ, so the loss runs over all 70,000 ids
+    from slm.training import read_metrics
+
+    start = next(r for r in read_metrics(out) if r["kind"] == "start")
+    assert start["trained_columns"] == start["vocabulary"] == 70_000
     # the data was tokenized by the imported tokenizer, into uint32 files, under its own cache key
     meta = json.loads(next(cache.glob("*/meta.json")).read_text())
     assert meta["dtype"] == "uint32" and meta["eot_id"] == EOS_ID

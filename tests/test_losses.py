@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from slm.losses import linear_cross_entropy
+from slm.losses import TrainingVocabulary, linear_cross_entropy
 
 VOCAB, PADDED, DIM = 300, 320, 32
 
@@ -121,3 +123,59 @@ def test_the_reused_logits_buffer_leaves_no_trace_between_calls(monkeypatch):
     ref_loss, ref_h, ref_w = reference(*data(50, seed=3))
     assert torch.allclose(first[2][:VOCAB], ref_w[:VOCAB], atol=1e-6)
     assert abs(first[0].item() - ref_loss.item()) < 1e-5 and torch.allclose(first[1], ref_h, atol=1e-6)
+
+
+# ----- the training text's vocabulary --------------------------------------------------------------
+def shared_vocabulary_data(rows: int):
+    """A text that uses ids 0..79 only, and weights whose other rows are all one (non-zero) vector."""
+    hidden, weight, targets = data(rows)
+    text = torch.randint(0, 80, (1000,), generator=torch.Generator().manual_seed(1)).numpy()
+    vocabulary = TrainingVocabulary.of_tokens(text, VOCAB)
+    vocabulary.share_unused_rows(weight)
+    weight[vocabulary.unused] += torch.randn(DIM, generator=torch.Generator().manual_seed(2))
+    targets = torch.where(targets == -100, targets, targets % 80)
+    return hidden, weight, targets, vocabulary
+
+
+def test_the_vocabulary_shortcut_gives_the_full_vocabulary_loss_and_gradients():
+    hidden, weight, targets, vocabulary = shared_vocabulary_data(50)
+    assert vocabulary.rows_are_shared(weight) and vocabulary.width == 81
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = vocabulary.loss(h, w, targets)
+    loss.backward()
+    ref_loss, ref_h, ref_w = reference(hidden, weight, targets)
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    assert torch.allclose(h.grad, ref_h, atol=1e-6)
+    assert torch.allclose(w.grad[:VOCAB], ref_w[:VOCAB], atol=1e-6)  # unused rows included, each its own share
+    assert w.grad[VOCAB:].abs().max() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = vocabulary.loss(hidden, weight, targets)
+    assert abs(bf16.item() - ref_loss.item()) < 2e-2
+
+
+def test_the_vocabulary_shortcut_trains_the_same_model_and_unused_rows_stay_shared():
+    """AdamW with weight decay, ten steps: the shortcut and the full softmax reach the same weights."""
+    hidden, weight, targets, vocabulary = shared_vocabulary_data(64)
+    runs = []
+    for shortcut in (True, False):
+        w = weight.clone().requires_grad_()
+        optimizer = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.1)
+        losses = []
+        for step in range(10):
+            h = hidden.roll(step, 0)
+            loss = vocabulary.loss(h, w, targets) if shortcut else linear_cross_entropy(h, w, targets, VOCAB)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, w.detach()))
+    (short_losses, short_w), (full_losses, full_w) = runs
+    assert max(abs(a - b) for a, b in zip(short_losses, full_losses, strict=True)) < 1e-5
+    assert torch.allclose(short_w, full_w, atol=1e-5)
+    assert vocabulary.rows_are_shared(short_w) and not torch.equal(short_w[vocabulary.unused[0]], weight[100])
+
+
+def test_a_text_that_uses_every_id_takes_no_shortcut_and_foreign_ids_are_refused():
+    assert TrainingVocabulary.of_tokens(np.arange(VOCAB), VOCAB) is None
+    with pytest.raises(ValueError, match="id 305; the vocabulary has 300"):
+        TrainingVocabulary.of_tokens(np.array([1, 2, VOCAB + 5]), VOCAB)

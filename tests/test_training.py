@@ -117,6 +117,24 @@ def test_tiny_preset_learns_well_below_unigram_entropy(tmp_path: Path) -> None:
     assert result.train_loss < unigram_entropy - 1.0
 
 
+def test_a_fresh_run_trains_its_texts_ids_and_one_shared_row_for_the_rest(tmp_path: Path) -> None:
+    """The vocabulary shortcut (slm.losses.TrainingVocabulary), through a run, a save and a resume."""
+    config = quick_config(tmp_path, stories_file(tmp_path), max_steps=6, eval_every=3)
+    first = train(config)
+    used = np.unique(prepare_data(config.data_spec(), load_tokenizer(), config.cache_dir).train).astype(np.int64)
+    start = next(r for r in read_metrics(first.run_dir) if r["kind"] == "start")
+    assert start["trained_columns"] == used.size + 1 and start["vocabulary"] == 50257
+    unused = np.setdiff1d(np.arange(50257), used)
+    weights = load_file(str(first.run_dir / "latest" / "model.safetensors"))["embed_tokens.weight"]
+    rest = weights[torch.from_numpy(unused)]
+    assert torch.equal(rest, rest[:1].expand_as(rest)) and rest[0].abs().sum() > 0  # shared, and trained
+    assert len({tuple(row.tolist()) for row in weights[torch.from_numpy(used)]}) == used.size  # each its own
+    resumed = train(resume_config(first.run_dir, max_steps=9))
+    starts = [r for r in read_metrics(resumed.run_dir) if r["kind"] == "start"]
+    assert [r["trained_columns"] for r in starts] == [used.size + 1] * 2
+    assert resumed.step == 9
+
+
 # ----- resume and stop -----------------------------------------------------------------------------
 class StopOneStepLater(threading.Event):
     """Once set, lets one more step run before reporting the stop: the run then stops between two
