@@ -3,7 +3,7 @@ iteration, so every direction of the matrix moves at the same rate (K. Jordan et
 
 Ours rather than `torch.optim.Muon` because that one always iterates in bf16, which a CPU without bf16
 arithmetic (AVX2) emulates: there it took 980 ms of a 1.5 s `tiny` step, where fp32 takes a few tens
-of milliseconds. The training loop picks the iteration's dtype with the run's precision: bf16 where
+of milliseconds. `slm.optim.build_optimizers` picks the iteration's dtype with the run's precision: bf16 where
 the run trains in bf16 (CUDA tensor cores, CPUs with AVX512-BF16 or AMX: about half the time of
 fp32 there), fp32 otherwise. Matrices of one shape are orthogonalised together in one
 batched product. Hyperparameter names and the optimizer state ("momentum_buffer") match torch's, so a

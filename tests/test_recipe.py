@@ -57,6 +57,17 @@ def test_our_muon_takes_the_steps_of_torchs_muon() -> None:
         assert (p - q).norm() < 0.05 * moved.norm()
 
 
+@pytest.mark.parametrize(("dtype", "expected"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_muon_iterates_in_the_precision_the_run_trains_in(dtype: str, expected: torch.dtype) -> None:
+    from slm import build_model, preset
+    from slm.optim import build_optimizers
+
+    config = TrainConfig(dtype=dtype, device="cpu")
+    model = build_model(preset("tiny", num_layers=2), seed=0)
+    muon = next(o for o in build_optimizers(model, config, torch.device("cpu")) if isinstance(o, Muon))
+    assert muon.ns_dtype == expected
+
+
 # ----- schedule ------------------------------------------------------------------------------------
 def test_wsd_holds_the_peak_then_falls_linearly_to_min_lr_at_the_end() -> None:
     values = [lr_factor(p / 100, 0.05, "wsd", 0.3) for p in range(101)]
