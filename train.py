@@ -161,7 +161,7 @@ def start_line(record: dict[str, Any]) -> str:
     where = f"{record['device']}, {PRECISIONS.get(record['precision'], record['precision'])}"
     what = (f"{record['parameters']:,} parameters, {record['tokens_per_step']:,} tokens per step, "
             f"{record['train_tokens']:,} training tokens")
-    if record.get("trained_columns", record.get("vocabulary")) != record.get("vocabulary"):
+    if record.get("trained_columns", 0) < record.get("vocabulary", 0):  # the loss runs over the text's ids
         what += f" (the text uses {record['trained_columns'] - 1:,} of the {record['vocabulary']:,} token ids)"
     resumed = f", resuming at step {record['step']:,}" if record.get("resumed") else ""
     return f"training on {where}: {what}{resumed}"
