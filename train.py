@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps, 20 for a time budget]")
     opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
     opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")
+    opt.add_argument("--dropout", type=float,
+                     help=f"share of each block branch's output dropped in training, from the second pass over "
+                     f"the training text on (never in the first, never at inference) [{d.dropout}]")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",

@@ -450,11 +450,13 @@ def gather_windows(
 
 
 class BatchSampler:
-    """Random windows of context+1 tokens, reproducible from a seed and resumable from its state.
+    """Windows of context+1 tokens, drawn in epochs, reproducible from a seed and resumable from a count.
 
-    Every rank draws the same global batch of `world_size * batch_size` window starts and keeps its
-    own slice, so ranks see different windows and N ranks see exactly the windows that one process
-    with an N times larger batch would see.
+    Each epoch cuts the split into back-to-back windows at a random offset and visits them in a
+    random order: a run sees as much distinct text as its token count allows, where windows drawn at
+    random starts would leave a third of one epoch's worth of text unseen and show the rest twice.
+    Every rank computes the same global batch of `world_size * batch_size` windows and keeps its own
+    slice, so N ranks see exactly the windows that one process with an N times larger batch would see.
     """
 
     def __init__(
@@ -472,21 +474,41 @@ class BatchSampler:
         self.length = window_length(tokens, context_length)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        # windows per epoch: the last window's target may end at the split's last token
+        self.windows_per_epoch = max(1, (tokens.size - self.length) // self.length)
         self.draws = 0
+        self._epoch: tuple[int, int, np.ndarray] | None = None  # (epoch, offset, order)
+
+    @property
+    def epoch(self) -> int:
+        """The pass over the split that the next batch starts in (0: the first)."""
+        return self.draws * self.world_size * self.batch_size // self.windows_per_epoch
+
+    def _epoch_plan(self, epoch: int) -> tuple[int, np.ndarray]:
+        """The epoch's offset and window order: a function of (seed, epoch) alone, so resuming needs no RNG state."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            slack = min(self.length - 1, self.tokens.size - 1 - self.windows_per_epoch * self.length)
+            offset = int(rng.integers(0, slack + 1))
+            self._epoch = (epoch, offset, rng.permutation(self.windows_per_epoch))
+        return self._epoch[1], self._epoch[2]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        high = self.tokens.size - self.length  # last valid start + 1
-        starts = torch.randint(0, high, (self.world_size * self.batch_size,), generator=self.generator)
+        size = self.world_size * self.batch_size
+        first = self.draws * size + self.rank * self.batch_size
+        starts = []
+        for index in range(first, first + self.batch_size):
+            epoch, position = divmod(index, self.windows_per_epoch)
+            offset, order = self._epoch_plan(epoch)
+            starts.append(offset + int(order[position]) * self.length)
         self.draws += 1
-        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return gather_windows(self.tokens, mine, self.length, self.device)
+        return gather_windows(self.tokens, torch.tensor(starts), self.length, self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "draws": self.draws}
+        return {"draws": self.draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
         self.draws = int(state["draws"])
 
 

@@ -169,12 +169,17 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, attend: AttentionFn,
-        cache: LayerKVCache | None = None,
+        cache: LayerKVCache | None = None, dropout: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`dropout` (training only) zeroes that share of each branch's output before it joins the residual."""
         attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, positions, attend, cache)
-        x = x + self.post_attention_layernorm(attn)
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + _dropped(self.post_attention_layernorm(attn), dropout)
+        x = x + _dropped(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), dropout)
         return x, weights
+
+
+def _dropped(branch: torch.Tensor, rate: float) -> torch.Tensor:
+    return F.dropout(branch, rate, training=True) if rate > 0 else branch
 
 
 @dataclass
@@ -262,7 +267,7 @@ class Gemma3LM(nn.Module):
 
     def _run_layers(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, cache: KVCache | None,
-        return_trace: bool = False,
+        return_trace: bool = False, dropout: float = 0.0,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
@@ -273,7 +278,7 @@ class Gemma3LM(nn.Module):
             if return_trace:
                 hidden_states.append(x)
             cos, sin = tables[layer.layer_type]
-            x, weights = layer(x, cos, sin, positions, attend, cache.layers[i] if cache is not None else None)
+            x, weights = layer(x, cos, sin, positions, attend, cache.layers[i] if cache is not None else None, dropout)
             if return_trace:
                 attentions.append(weights)
         if return_trace:
@@ -329,14 +334,17 @@ class Gemma3LM(nn.Module):
         return attention_backend(backend)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             vocabulary: TrainingVocabulary | None = None) -> torch.Tensor:
+             vocabulary: TrainingVocabulary | None = None, dropout: float = 0.0) -> torch.Tensor:
         """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist.
 
         With the training text's `vocabulary` (whose unused rows this model shares), the same loss at
-        the cost of the ids the text uses.
+        the cost of the ids the text uses. `dropout` regularises the blocks' branches (training only:
+        nothing else in the model drops anything).
         """
         positions = self._positions(input_ids, None)
-        hidden, _, _ = self._run_layers(input_ids, positions, self._training_attention(input_ids.device), None)
+        hidden, _, _ = self._run_layers(
+            input_ids, positions, self._training_attention(input_ids.device), None, dropout=dropout
+        )
         if vocabulary is not None:
             return vocabulary.loss(hidden.flatten(0, 1), self.head_weight, targets.flatten(), ignore_index)
         return linear_cross_entropy(

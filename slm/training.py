@@ -89,13 +89,14 @@ SAMPLES_FILE = "samples.jsonl"
 class LossModule(nn.Module):
     """Routes `forward` to `model.loss`, so DDP's hooks and torch.compile see the loss computation."""
 
-    def __init__(self, model: Gemma3LM, vocabulary: TrainingVocabulary | None = None) -> None:
+    def __init__(self, model: Gemma3LM, vocabulary: TrainingVocabulary | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.vocabulary = vocabulary
+        self.dropout = dropout
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(inputs, targets, vocabulary=self.vocabulary)
+        return self.model.loss(inputs, targets, vocabulary=self.vocabulary, dropout=self.dropout)
 
 
 # ----- metrics -------------------------------------------------------------------------------------
@@ -327,7 +328,9 @@ class Trainer:
         if vocabulary is not None and not vocabulary.rows_are_shared(self.model.head_weight):
             vocabulary = None
         self.vocabulary = vocabulary.to(self.device) if vocabulary is not None else None
-        loss_module: nn.Module = LossModule(self.model, self.vocabulary)
+        self.training_loss = LossModule(self.model, self.vocabulary)
+        self.epoch = self.sampler.epoch  # the pass over the training text that the last batch came from
+        loss_module: nn.Module = self.training_loss
         # evaluation scores every id: held-out text may hold ids the training text lacks
         eval_module = LossModule(self.model)
         plain = torch.compile(loss_module) if c.compile else loss_module
@@ -386,7 +389,6 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         sampler_state = self.sampler.state_dict()
-        tensors["sampler.generator"] = sampler_state["generator"]
         scalars = {
             "format": STATE_FORMAT,
             "step": self.step,
@@ -434,7 +436,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.cpu"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.sampler.load_state_dict({"generator": tensors["sampler.generator"], "draws": scalars["sampler_draws"]})
+        self.sampler.load_state_dict({"draws": scalars["sampler_draws"]})
         if self.scaler is not None and scalars.get("scaler"):
             self.scaler.load_state_dict(scalars["scaler"])
         self.step = int(scalars["step"])
@@ -516,6 +518,9 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the gradient norm (before clipping)."""
         c = self.config
         for micro in range(c.grad_accum):
+            # dropout once the text comes round again: a first pass has nothing to memorise yet
+            self.epoch = self.sampler.epoch
+            self.training_loss.dropout = c.dropout if self.epoch >= 1 else 0.0
             inputs, targets = self.sampler.next_batch()
             if self.byte_lengths is not None:
                 self.interval_bytes += self.byte_lengths[targets].sum()
@@ -687,6 +692,7 @@ class Trainer:
             "train_loss": train_loss_value, "val_loss": val_loss, "train_bpb": train_bpb, "val_bpb": val_bpb,
             "val_perplexity": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
             "lr": self.lr, "grad_norm": float(grad_norm),
+            "epoch": self.epoch, "dropout": self.training_loss.dropout,
             "tokens_per_s": self.tokens_per_s,
             "mfu": mfu(self.tokens_per_s, self.flops_per_token, self.peak_flops, self.dist.world_size),
             "elapsed_s": self.elapsed(), "eta_s": self.eta(seconds_per_step),

@@ -287,10 +287,25 @@ def test_windows_are_contiguous_reproducible_and_resumable() -> None:
     after = [a.next_batch()[0] for _ in range(3)]
     b = BatchSampler(tokens, batch_size=3, context_length=16, seed=11)
     assert torch.equal(b.next_batch()[0], x)
-    c = BatchSampler(tokens, batch_size=3, context_length=16, seed=99)
-    c.load_state_dict(state)
-    assert all(torch.equal(c.next_batch()[0], want) for want in after)
+    resumed = BatchSampler(tokens, batch_size=3, context_length=16, seed=11)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch()[0], want) for want in after)
     assert not torch.equal(BatchSampler(tokens, 3, 16, seed=12).next_batch()[0], x)
+
+
+def test_an_epoch_shows_every_window_once_and_the_next_epoch_cuts_them_elsewhere() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    sampler = BatchSampler(tokens, batch_size=4, context_length=16, seed=5)
+    per_epoch = sampler.windows_per_epoch
+    assert per_epoch == (1000 - 16) // 16
+    firsts = torch.cat([sampler.next_batch()[0][:, 0] for _ in range(2 * per_epoch // 4 + 1)]).tolist()
+    first_epoch, second_epoch = firsts[:per_epoch], firsts[per_epoch : 2 * per_epoch]
+    # no text twice within an epoch: distinct, back-to-back windows that cover the split
+    assert len(set(first_epoch)) == per_epoch
+    assert {start % 16 for start in first_epoch} == {first_epoch[0] % 16}
+    assert max(first_epoch) - min(first_epoch) == (per_epoch - 1) * 16
+    assert len(set(second_epoch)) == per_epoch and set(second_epoch) != set(first_epoch)
+    assert max(firsts) + 17 <= 1000
 
 
 def test_ranks_draw_disjoint_slices_of_the_batch_one_process_would_draw() -> None:

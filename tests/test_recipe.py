@@ -186,3 +186,25 @@ def test_every_evaluation_keeps_greedy_and_sampled_continuations_with_their_step
         assert kept == {(p, m) for p in SAMPLE_PROMPTS for m in ("greedy", "sampled")}
     for s in samples:
         assert s["text"].startswith(s["prompt"]) and len(s["text"]) > len(s["prompt"])
+
+
+# ----- dropout -------------------------------------------------------------------------------------
+def test_dropout_starts_with_the_second_pass_and_acts_in_the_training_loss_only(tmp_path: Path) -> None:
+    result = train(quick_config(tmp_path, stories_file(tmp_path, count=40), max_steps=30, dropout=0.2))
+    records = train_records(result.run_dir)
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 2  # it still learns
+    assert {r["epoch"] for r in records} >= {0, 1}  # the test text comes round within the run
+    assert all(r["dropout"] == (0.2 if r["epoch"] >= 1 else 0.0) for r in records)
+    model = load_model(result.run_dir / "latest")
+    assert model is not None
+    model.train()  # even in training mode, nothing outside the training loss drops anything
+    ids = torch.tensor([load_tokenizer().encode("Once upon a time, there was a little")])
+    assert torch.equal(model(ids), model(ids))
+    targets = ids.roll(-1, 1)
+    torch.manual_seed(0)
+    dropped = model.loss(ids, targets, dropout=0.2)
+    torch.manual_seed(0)
+    assert model.loss(ids, targets, dropout=0.2) == dropped != model.loss(ids, targets)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="dropout"):
+            TrainConfig(dropout=bad)
