@@ -454,7 +454,7 @@ class BatchSampler:
 
     Each epoch cuts the split into back-to-back windows at a random offset and visits them in a
     random order: a run sees as much distinct text as its token count allows, where windows drawn at
-    random starts would leave a third of one epoch's worth of text unseen and show the rest twice.
+    random starts would leave e^-1 (37%) of one epoch's worth of text unseen and show other parts twice.
     Every rank computes the same global batch of `world_size * batch_size` windows and keeps its own
     slice, so N ranks see exactly the windows that one process with an N times larger batch would see.
     """

@@ -89,11 +89,11 @@ SAMPLES_FILE = "samples.jsonl"
 class LossModule(nn.Module):
     """Routes `forward` to `model.loss`, so DDP's hooks and torch.compile see the loss computation."""
 
-    def __init__(self, model: Gemma3LM, vocabulary: TrainingVocabulary | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, model: Gemma3LM, vocabulary: TrainingVocabulary | None = None) -> None:
         super().__init__()
         self.model = model
         self.vocabulary = vocabulary
-        self.dropout = dropout
+        self.dropout = 0.0  # the trainer sets it before each step
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.model.loss(inputs, targets, vocabulary=self.vocabulary, dropout=self.dropout)
