@@ -15,6 +15,7 @@ from training_helpers import quick_config, stories_file
 
 from slm.loading import load_model
 from slm.metrics import LN2, bits_per_byte, target_bytes
+from slm.model import branch_dropout
 from slm.muon import Muon, orthogonalize
 from slm.optim import lr_factor
 from slm.tokenizer import load_tokenizer
@@ -205,6 +206,9 @@ def test_dropout_starts_with_the_second_pass_and_acts_in_the_training_loss_only(
     dropped = model.loss(ids, targets, dropout=0.2)
     torch.manual_seed(0)
     assert model.loss(ids, targets, dropout=0.2) == dropped != model.loss(ids, targets)
+    kept = branch_dropout(torch.ones(1000, 1000), 0.1)
+    assert (kept == 0).float().mean().item() == pytest.approx(26 / 256, abs=2e-3)  # the rate, to 1/256
+    assert kept.mean().item() == pytest.approx(1.0, abs=5e-3)  # the expectation is kept
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="dropout"):
             TrainConfig(dropout=bad)
