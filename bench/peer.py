@@ -41,13 +41,13 @@ def build_peer(seed: int) -> Any:
 
 
 def train_peer(lr: float, tokens: int | None, seconds: float | None, val_limit: int | None = None,
-               seed: int = 1337) -> dict[str, Any]:
+               seed: int = 1337, betas: tuple[float, float] = (0.9, 0.95)) -> dict[str, Any]:
     """Train the peer for `tokens` or `seconds`; returns the same fields as the sweep's rows."""
     model = build_peer(seed)
     config = TrainConfig(data=str(TRAIN_FILE), val_data=str(VAL_FILE), cache_dir=str(REPO / ".cache" / "slm-data"))
     data = prepare_data(config.data_spec(), load_tokenizer(), config.cache_dir)
     sampler = BatchSampler(data.train, BATCH, CONTEXT, seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.1)
     max_steps = math.ceil(tokens / (BATCH * CONTEXT)) if tokens else None
     load_before = "/".join(f"{v:.1f}" for v in os.getloadavg())
     model.train()

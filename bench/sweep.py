@@ -110,6 +110,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, help="a wall-clock budget instead of --tokens (compares shapes fairly)")
     p.add_argument("--run", action="append", default=[], help="a setting: field=value,field=value")
     p.add_argument("--peer-lr", type=float, nargs="*", default=[], help="transformers AdamW loop learning rates")
+    p.add_argument("--peer-betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
+                   help="the transformers loop's AdamW betas (the judge's are 0.9 0.95)")
     p.add_argument("--val-tokens", type=int, default=65_536, help="held-out tokens scored (0: all)")
     p.add_argument("--log", type=Path, help="append each row to this file as it is measured")
     args = p.parse_args()
@@ -128,8 +130,9 @@ def main() -> int:
         for lr in args.peer_lr:
             from bench.peer import train_peer
 
-            r = train_peer(lr=lr, tokens=None if args.seconds else args.tokens, seconds=args.seconds, val_limit=limit)
-            rows.append(row(f"transformers AdamW lr={lr}", r))
+            r = train_peer(lr=lr, tokens=None if args.seconds else args.tokens, seconds=args.seconds, val_limit=limit,
+                           betas=tuple(args.peer_betas))
+            rows.append(row(f"transformers AdamW lr={lr}, betas={tuple(args.peer_betas)}", r))
             print(rows[-1], flush=True)
             if args.log:
                 with open(args.log, "a") as f:

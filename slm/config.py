@@ -165,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the sliding layers really slide.
     "tiny": dict(
         context_length=256, hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=1,
-        head_dim=64, intermediate_size=512, sliding_window=64, sliding_window_pattern=2,
+        head_dim=64, intermediate_size=512, sliding_window=64, sliding_window_pattern=2, init_std=0.04,
     ),
 }
 

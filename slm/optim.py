@@ -100,7 +100,8 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
     if muon_params:
         # Newton-Schulz in bf16 where the run trains in bf16 (the hardware multiplies it natively)
         ns_dtype = torch.bfloat16 if autocast_dtype(config.dtype, device) == torch.bfloat16 else torch.float32
-        muon = Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.95, nesterov=True,
+        muon = Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
+                    nesterov=True,
                     ns_dtype=ns_dtype)
         for g in muon.param_groups:
             g["base_lr"] = config.lr

@@ -75,15 +75,16 @@ class TrainConfig:
     lr: float = 1e-2  # peak learning rate of the blocks' matrices and the norms
     embedding_lr: float | None = None  # peak learning rate of the (tied) token embedding; None: lr
     schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
-    decay_fraction: float = 0.3  # wsd: the share of the run (steps, or time budget) spent decaying
+    decay_fraction: float = 0.5  # wsd: the share of the run (steps, or time budget) spent decaying
     min_lr: float | None = None  # None: 0 with wsd, lr / 10 with cosine
     warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
     weight_decay: float = 0.1  # matrices only; norms are never decayed
     # share of each block branch's output dropped in training steps from the second pass over the
     # training text on (never in the first pass, never at inference)
     dropout: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.8  # AdamW's (the embedding, the norms, an untied head; every matrix with "adamw")
+    beta2: float = 0.999  # rare ids' embedding rows keep their second moment between appearances
+    muon_momentum: float = 0.9
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     # cadence
     log_every: int = 10
@@ -139,7 +140,7 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 raise ValueError(f"device {self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") \
                     from None
-        for name in ("weight_decay", "grad_clip", "beta1", "beta2", "val_fraction", "dropout"):
+        for name in ("weight_decay", "grad_clip", "beta1", "beta2", "muon_momentum", "val_fraction", "dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -167,7 +168,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2", "dropout"):
+        for name in ("beta1", "beta2", "muon_momentum", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.sample_tokens < 0:

@@ -59,14 +59,15 @@ def test_our_muon_takes_the_steps_of_torchs_muon() -> None:
 
 
 @pytest.mark.parametrize(("dtype", "expected"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_muon_iterates_in_the_precision_the_run_trains_in(dtype: str, expected: torch.dtype) -> None:
+def test_muon_iterates_in_the_precision_the_run_trains_in_with_its_momentum(dtype: str, expected: torch.dtype) -> None:
     from slm import build_model, preset
     from slm.optim import build_optimizers
 
-    config = TrainConfig(dtype=dtype, device="cpu")
+    config = TrainConfig(dtype=dtype, device="cpu", muon_momentum=0.8)
     model = build_model(preset("tiny", num_layers=2), seed=0)
     muon = next(o for o in build_optimizers(model, config, torch.device("cpu")) if isinstance(o, Muon))
     assert muon.ns_dtype == expected
+    assert {g["momentum"] for g in muon.param_groups} == {0.8}
 
 
 # ----- schedule ------------------------------------------------------------------------------------

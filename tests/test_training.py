@@ -42,6 +42,7 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
         ("optimizer", "sgd", "optimizer"),
         ("batch_size", 0, "positive integer"),
         ("lr", float("nan"), "positive number"),
+        ("muon_momentum", 1.0, r"muon_momentum must be in \[0, 1\)"),
     ],
 )
 def test_config_rejects_values_a_run_cannot_use(field: str, value: object, words: str) -> None:
