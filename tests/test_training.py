@@ -68,8 +68,9 @@ def test_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_path:
     train(config)
     records = train_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert config.schedule == "wsd"  # the default: warmup 2 steps, hold, then linear to 0 over the last 30%
-    expected = [config.lr * (warmup_factor(s, 2) if s < 2 else lr_factor(step_progress(s, 2, 6), 0.0, "wsd", 0.3))
+    assert config.schedule == "wsd"  # the default: warmup 2 steps, hold, then linear to 0 over the last part
+    decay = config.decay_fraction
+    expected = [config.lr * (warmup_factor(s, 2) if s < 2 else lr_factor(step_progress(s, 2, 6), 0.0, "wsd", decay))
                 for s in range(6)]
     assert expected[-1] == 0.0 and expected[1] == expected[2] == config.lr
     assert [r["lr"] for r in records] == pytest.approx(expected)
