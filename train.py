@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--decay-fraction", type=float, help=f"wsd: share of the run spent decaying [{d.decay_fraction}]")
     opt.add_argument("--min-lr", type=float, help="learning rate at the last step [0 with wsd, lr / 10 with cosine]")
     opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps, 20 for a time budget]")
+    opt.add_argument("--beta1", type=float, help=f"AdamW's first-moment decay [{d.beta1}]")
+    opt.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay [{d.beta2}]")
+    opt.add_argument("--muon-momentum", type=float, help=f"Muon's momentum [{d.muon_momentum}]")
     opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
     opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")
     opt.add_argument("--dropout", type=float,

@@ -44,7 +44,8 @@ def test_help_lists_every_flag() -> None:
     assert result.returncode == 0
     for flag in ("--preset", "--data", "--max-stories", "--max-steps", "--max-tokens", "--batch-size", "--grad-accum",
                  "--context-length", "--lr", "--min-lr", "--warmup-steps", "--out", "--resume", "--device",
-                 "--compile", "--eval-every", "--save-every", "--seed", "--optimizer"):
+                 "--compile", "--eval-every", "--save-every", "--seed", "--optimizer", "--beta1", "--beta2",
+                 "--muon-momentum"):
         assert flag in result.stdout, flag
 
 
