@@ -17,6 +17,9 @@ from .data import DEFAULT_DATASET, DataSpec, local_files
 from .paths import PathNotAllowed, inside, write_text_nofollow
 
 RUN_CONFIG_FILE = "run.json"
+# Fields added after runs were first recorded, with the value that a run recorded without them ran
+# with, so that resuming it continues the same run rather than taking today's default.
+VALUES_OF_OLDER_RECORDS: dict[str, Any] = {"dropout": 0.0, "muon_momentum": 0.95}
 DEFAULT_MAX_STEPS = 2000
 CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
 GPU_BATCH_SIZE = 32
@@ -227,7 +230,8 @@ def parse_duration(text: str | float) -> float:
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
-    """The raw `run.json` of a run folder: a JSON object, or a ValueError saying what is wrong with it."""
+    """The `run.json` of a run folder as a dict (fields it predates filled with the values it ran with),
+    or a ValueError saying what is wrong with it."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
@@ -240,7 +244,7 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({exc}); the run cannot be resumed from it") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} should hold a JSON object; the run cannot be resumed from it")
-    return data
+    return {**VALUES_OF_OLDER_RECORDS, **data}
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

@@ -34,6 +34,15 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
     assert TrainConfig.load(tmp_path / "run.json") == config
 
 
+def test_resuming_a_run_recorded_before_a_field_existed_keeps_what_it_ran_with(tmp_path: Path) -> None:
+    record = TrainConfig(data="x.txt", max_steps=7).to_dict()
+    del record["dropout"], record["muon_momentum"]  # runs recorded before dropout and Muon's momentum knob
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    resumed = resume_config(tmp_path)
+    assert (resumed.dropout, resumed.muon_momentum) == (0.0, 0.95)
+    assert (TrainConfig().dropout, TrainConfig().muon_momentum) != (0.0, 0.95)  # not today's defaults
+
+
 @pytest.mark.parametrize(
     ("field", "value", "words"),
     [
