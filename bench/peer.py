@@ -34,7 +34,8 @@ def build_peer(seed: int) -> Any:
     ours = TrainConfig().model_config()  # the size of our default model
     ours.context_length = CONTEXT
     values = config_to_hf(ours)
-    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
+    # transformers' own initialisation (initializer_range 0.02), not the one tuned for our recipe
+    for key in ("architectures", "model_type", "torch_dtype", "dtype", "initializer_range"):
         values.pop(key)
     torch.manual_seed(seed)
     return Gemma3ForCausalLM(Gemma3TextConfig(**values)).float()
