@@ -101,8 +101,7 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
         # Newton-Schulz in bf16 where the run trains in bf16 (the hardware multiplies it natively)
         ns_dtype = torch.bfloat16 if autocast_dtype(config.dtype, device) == torch.bfloat16 else torch.float32
         muon = Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
-                    nesterov=True,
-                    ns_dtype=ns_dtype)
+                    nesterov=True, ns_dtype=ns_dtype)
         for g in muon.param_groups:
             g["base_lr"] = config.lr
         optimizers.append(muon)
