@@ -186,7 +186,7 @@ def branch_dropout(branch: torch.Tensor, rate: float) -> torch.Tensor:
     """
     if rate <= 0:
         return branch
-    threshold = round(rate * 256)
+    threshold = min(255, round(rate * 256))  # a rate that rounds to 1 still keeps 1/256
     count = branch.numel()
     # the whole 64-bit range (random_() alone leaves the top bit 0)
     words = torch.empty((count + 7) // 8, dtype=torch.int64, device=branch.device).random_(-(2**63), 2**63 - 1)
