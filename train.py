@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps, 20 for a time budget]")
     opt.add_argument("--beta1", type=float, help=f"AdamW's first-moment decay [{d.beta1}]")
     opt.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay [{d.beta2}]")
+    opt.add_argument("--late-beta1", type=float, help=f"AdamW's beta1 from --late-betas-from-pass on [{d.late_beta1}]")
+    opt.add_argument("--late-beta2", type=float, help=f"AdamW's beta2 from --late-betas-from-pass on [{d.late_beta2}]")
+    opt.add_argument("--late-betas-from-pass", type=int, metavar="PASS",
+                     help=f"the pass over the training text (1 = the first; 0 = never) from which AdamW uses the "
+                     f"late betas: they memorise less of a text seen many times [{d.late_betas_from_pass}]")
     opt.add_argument("--muon-momentum", type=float, help=f"Muon's momentum [{d.muon_momentum}]")
     opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
     opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")

@@ -108,6 +108,13 @@ def build_optimizers(model: Gemma3LM, config: TrainConfig, device: torch.device)
     return optimizers
 
 
+def set_adamw_betas(optimizers: list[torch.optim.Optimizer], betas: tuple[float, float]) -> None:
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.AdamW):
+            for group in optimizer.param_groups:
+                group["betas"] = betas
+
+
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:

@@ -19,7 +19,7 @@ from .paths import PathNotAllowed, inside, write_text_nofollow
 RUN_CONFIG_FILE = "run.json"
 # Fields added after runs were first recorded, with the value that a run recorded without them ran
 # with, so that resuming it continues the same run rather than taking today's default.
-VALUES_OF_OLDER_RECORDS: dict[str, Any] = {"dropout": 0.0, "muon_momentum": 0.95}
+VALUES_OF_OLDER_RECORDS: dict[str, Any] = {"dropout": 0.0, "muon_momentum": 0.95, "late_betas_from_pass": 0}
 DEFAULT_MAX_STEPS = 2000
 CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
 GPU_BATCH_SIZE = 32
@@ -85,8 +85,15 @@ class TrainConfig:
     # share of each block branch's output dropped in training steps from the second pass over the
     # training text on (never in the first pass, never at inference)
     dropout: float = 0.1
-    beta1: float = 0.8  # AdamW's (the embedding, the norms, an untied head; every matrix with "adamw")
-    beta2: float = 0.999  # 0.95 lost 0.1 nats at 400k tokens of `tiny` (bench/QUALITY.md)
+    # AdamW's betas (the embedding, the norms, an untied head; every matrix with "adamw"): the first pair
+    # learns fastest (0.95 for beta2 lost 0.1 nats at 400k tokens of `tiny`); the late pair, from pass
+    # `late_betas_from_pass` over the training text on (1-based; 0: never), memorises less of a text seen
+    # many times (bench/QUALITY.md has the sweep: from the second pass on, it lost at two passes)
+    beta1: float = 0.8
+    beta2: float = 0.999
+    late_beta1: float = 0.9
+    late_beta2: float = 0.95
+    late_betas_from_pass: int = 4
     muon_momentum: float = 0.9
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     # cadence
@@ -143,7 +150,8 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 raise ValueError(f"device {self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") \
                     from None
-        for name in ("weight_decay", "grad_clip", "beta1", "beta2", "muon_momentum", "val_fraction", "dropout"):
+        for name in ("weight_decay", "grad_clip", "beta1", "beta2", "late_beta1", "late_beta2", "muon_momentum",
+                     "val_fraction", "dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -171,11 +179,20 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2", "muon_momentum", "dropout"):
+        value = self.late_betas_from_pass
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"late_betas_from_pass must be a pass number (1 = the first; 0 = never), got {value!r}")
+        for name in ("beta1", "beta2", "late_beta1", "late_beta2", "muon_momentum", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
+
+    def adamw_betas(self, epoch: int) -> tuple[float, float]:
+        """AdamW's betas for a step in pass `epoch` (0-based) over the training text."""
+        if self.late_betas_from_pass and epoch + 1 >= self.late_betas_from_pass:
+            return self.late_beta1, self.late_beta2
+        return self.beta1, self.beta2
 
     def model_config(self) -> ModelConfig:
         overrides = dict(self.model)

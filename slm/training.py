@@ -60,6 +60,7 @@ from .optim import (
     lr_factor,
     optimizer_state_from_files,
     optimizer_state_to_files,
+    set_adamw_betas,
     set_lr,
     step_progress,
     warmup_factor,
@@ -539,6 +540,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
         self.lr = c.lr * self.schedule_factor()
         set_lr(self.optimizers, self.lr / c.lr)
+        set_adamw_betas(self.optimizers, c.adamw_betas(self.epoch))
         for optimizer in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
@@ -692,7 +694,7 @@ class Trainer:
             "train_loss": train_loss_value, "val_loss": val_loss, "train_bpb": train_bpb, "val_bpb": val_bpb,
             "val_perplexity": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
             "lr": self.lr, "grad_norm": float(grad_norm),
-            "epoch": self.epoch, "dropout": self.training_loss.dropout,
+            "epoch": self.epoch, "dropout": self.training_loss.dropout, "betas": list(c.adamw_betas(self.epoch)),
             "tokens_per_s": self.tokens_per_s,
             "mfu": mfu(self.tokens_per_s, self.flops_per_token, self.peak_flops, self.dist.world_size),
             "elapsed_s": self.elapsed(), "eta_s": self.eta(seconds_per_step),

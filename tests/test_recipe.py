@@ -191,12 +191,19 @@ def test_every_evaluation_keeps_greedy_and_sampled_continuations_with_their_step
 
 
 # ----- dropout -------------------------------------------------------------------------------------
-def test_dropout_starts_with_the_second_pass_and_acts_in_the_training_loss_only(tmp_path: Path) -> None:
-    result = train(quick_config(tmp_path, stories_file(tmp_path, count=40), max_steps=30, dropout=0.2))
+def test_dropout_and_the_late_betas_start_with_their_pass_and_act_in_training_only(tmp_path: Path) -> None:
+    config = quick_config(tmp_path, stories_file(tmp_path, count=40), max_steps=30, dropout=0.2,
+                          beta1=0.8, beta2=0.999, late_beta1=0.85, late_beta2=0.9, late_betas_from_pass=2)
+    result = train(config)
     records = train_records(result.run_dir)
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 2  # it still learns
     assert {r["epoch"] for r in records} >= {0, 1}  # the test text comes round within the run
     assert all(r["dropout"] == (0.2 if r["epoch"] >= 1 else 0.0) for r in records)
+    assert all(r["betas"] == ([0.85, 0.9] if r["epoch"] >= 1 else [0.8, 0.999]) for r in records)
+    # the optimizer itself stepped with them: its saved state, after a last step in a later pass
+    adamw_groups = json.loads((result.run_dir / "latest" / "training_state.json").read_text())["param_groups"][0]
+    assert records[-1]["epoch"] >= 1
+    assert [g["betas"] for g in adamw_groups] == [[0.85, 0.9]] * len(adamw_groups)
     model = load_model(result.run_dir / "latest")
     assert model is not None
     model.train()  # even in training mode, nothing outside the training loss drops anything

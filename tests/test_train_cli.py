@@ -45,7 +45,8 @@ def test_help_lists_every_flag() -> None:
     for flag in ("--preset", "--data", "--max-stories", "--max-steps", "--max-tokens", "--batch-size", "--grad-accum",
                  "--context-length", "--lr", "--min-lr", "--warmup-steps", "--out", "--resume", "--device",
                  "--compile", "--eval-every", "--save-every", "--seed", "--optimizer", "--beta1", "--beta2",
-                 "--muon-momentum"):
+                 "--muon-momentum", "--late-beta1", "--late-beta2",
+                 "--late-betas-from-pass"):
         assert flag in result.stdout, flag
 
 

@@ -36,11 +36,15 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
 
 def test_resuming_a_run_recorded_before_a_field_existed_keeps_what_it_ran_with(tmp_path: Path) -> None:
     record = TrainConfig(data="x.txt", max_steps=7).to_dict()
-    del record["dropout"], record["muon_momentum"]  # runs recorded before dropout and Muon's momentum knob
+    # runs recorded before dropout, Muon's momentum knob and AdamW's betas for later passes
+    for name in ("dropout", "muon_momentum", "late_betas_from_pass"):
+        del record[name]
     (tmp_path / "run.json").write_text(json.dumps(record))
     resumed = resume_config(tmp_path)
     assert (resumed.dropout, resumed.muon_momentum) == (0.0, 0.95)
+    assert resumed.adamw_betas(epoch=3) == resumed.adamw_betas(epoch=0) == (resumed.beta1, resumed.beta2)
     assert (TrainConfig().dropout, TrainConfig().muon_momentum) != (0.0, 0.95)  # not today's defaults
+    assert TrainConfig().adamw_betas(epoch=1) != TrainConfig().adamw_betas(epoch=0)
 
 
 @pytest.mark.parametrize(
@@ -52,6 +56,8 @@ def test_resuming_a_run_recorded_before_a_field_existed_keeps_what_it_ran_with(t
         ("batch_size", 0, "positive integer"),
         ("lr", float("nan"), "positive number"),
         ("muon_momentum", 1.0, r"muon_momentum must be in \[0, 1\)"),
+        ("late_beta2", 1.0, r"late_beta2 must be in \[0, 1\)"),
+        ("late_betas_from_pass", -1, "late_betas_from_pass must be a pass number"),
     ],
 )
 def test_config_rejects_values_a_run_cannot_use(field: str, value: object, words: str) -> None:
