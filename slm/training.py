@@ -40,6 +40,7 @@ from .checkpoint import (
     TRAINING_STATE_FORMAT,
     CheckpointError,
     atomic_directory,
+    read_config,
     read_safetensors,
     read_training_state,
     recover_directory,
@@ -314,7 +315,8 @@ class Trainer:
             self.model_config = imported.model.config
             self.model = imported.model.to(self.device, torch.float32)
         else:
-            self.model_config = c.model_config()
+            # a resumed run goes on with the model it saved, also where its preset has changed since
+            self.model_config = read_config(self.run_dir / LATEST_DIR) if c.resume else c.model_config()
             self.model = build_model(self.model_config, device=self.device, seed=c.seed)
         vocabulary = None if imported is not None else TrainingVocabulary.of_tokens(
             data.train, self.model_config.vocab_size)
