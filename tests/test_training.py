@@ -202,7 +202,6 @@ def test_stop_and_resume_reproduce_an_uninterrupted_run_bit_for_bit(
     assert [e["reason"] for e in ends] == ["stopped", "finished"]
 
 
-
 def test_a_run_resumes_with_the_model_it_saved_after_its_preset_changed(tmp_path: Path) -> None:
     first = train(quick_config(tmp_path, stories_file(tmp_path), max_steps=4))
     # a record from when the preset's width was TINY_MODEL's: today's preset is wider
@@ -214,6 +213,7 @@ def test_a_run_resumes_with_the_model_it_saved_after_its_preset_changed(tmp_path
     resumed = train(resume_config(first.run_dir, max_steps=6))
     assert resumed.step == 6
     assert load_model(resumed.run_dir / "latest").config.hidden_size == TINY_MODEL["hidden_size"]
+
 
 def test_stop_file_ends_the_run_after_the_current_step_with_a_loadable_checkpoint(
     tmp_path: Path
