@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--dropout", type=float,
                      help=f"share of each block branch's output dropped in training, from the second pass over "
                      f"the training text on (never in the first, never at inference) [{d.dropout}]")
+    opt.add_argument("--embedding-dropout", type=float,
+                     help=f"the same for each element of the embedded input tokens, from "
+                     f"--embedding-dropout-from-pass on [{d.embedding_dropout}]")
+    opt.add_argument("--embedding-dropout-from-pass", type=int, metavar="PASS",
+                     help=f"the pass over the training text (1 = the first; 0 = never) from which the embedded "
+                     f"input is dropped: it costs while the text is still new [{d.embedding_dropout_from_pass}]")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",

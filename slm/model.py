@@ -279,11 +279,11 @@ class Gemma3LM(nn.Module):
 
     def _run_layers(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, cache: KVCache | None,
-        return_trace: bool = False, dropout: float = 0.0,
+        return_trace: bool = False, dropout: float = 0.0, embedding_dropout: float = 0.0,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
-        x = self.embed(input_ids)
+        x = branch_dropout(self.embed(input_ids), embedding_dropout)
         tables = self.rotary_tables(positions)
         hidden_states, attentions = [], []
         for i, layer in enumerate(self.layers):
@@ -346,16 +346,18 @@ class Gemma3LM(nn.Module):
         return attention_backend(backend)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             vocabulary: TrainingVocabulary | None = None, dropout: float = 0.0) -> torch.Tensor:
+             vocabulary: TrainingVocabulary | None = None, dropout: float = 0.0,
+             embedding_dropout: float = 0.0) -> torch.Tensor:
         """Mean next-token cross-entropy, computed in chunks so the full fp32 logits never exist.
 
         With the training text's `vocabulary` (whose unused rows this model shares), the same loss at
-        the cost of the ids the text uses. `dropout` regularises the blocks' branches (training only:
-        nothing else in the model drops anything).
+        the cost of the ids the text uses. `dropout` regularises the blocks' branches and
+        `embedding_dropout` the embedded input (training only: nothing else in the model drops anything).
         """
         positions = self._positions(input_ids, None)
         hidden, _, _ = self._run_layers(
-            input_ids, positions, self._training_attention(input_ids.device), None, dropout=dropout
+            input_ids, positions, self._training_attention(input_ids.device), None, dropout=dropout,
+            embedding_dropout=embedding_dropout,
         )
         if vocabulary is not None:
             return vocabulary.loss(hidden.flatten(0, 1), self.head_weight, targets.flatten(), ignore_index)

@@ -19,7 +19,9 @@ from .paths import PathNotAllowed, inside, write_text_nofollow
 RUN_CONFIG_FILE = "run.json"
 # Fields added after runs were first recorded, with the value that a run recorded without them ran
 # with, so that resuming it continues the same run rather than taking today's default.
-VALUES_OF_OLDER_RECORDS: dict[str, Any] = {"dropout": 0.0, "muon_momentum": 0.95, "late_betas_from_pass": 0}
+VALUES_OF_OLDER_RECORDS: dict[str, Any] = {
+    "dropout": 0.0, "embedding_dropout": 0.0, "muon_momentum": 0.95, "late_betas_from_pass": 0,
+}
 DEFAULT_MAX_STEPS = 2000
 CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
 GPU_BATCH_SIZE = 32
@@ -85,6 +87,11 @@ class TrainConfig:
     # share of each block branch's output dropped in training steps from the second pass over the
     # training text on (never in the first pass, never at inference)
     dropout: float = 0.1
+    # share of the embedded input (each element, before the first block) dropped in training steps from
+    # pass `embedding_dropout_from_pass` on (1-based): it regularises a text seen many times and costs
+    # where the text is still new
+    embedding_dropout: float = 0.1
+    embedding_dropout_from_pass: int = 4
     # AdamW's betas (the embedding, the norms, an untied head; every matrix with "adamw"): the first pair
     # learns fastest (0.95 for beta2 lost 0.1 nats at 400k tokens of `tiny`); the late pair, from pass
     # `late_betas_from_pass` over the training text on (1-based; 0: never), memorises less of a text seen
@@ -151,7 +158,7 @@ class TrainConfig:
                 raise ValueError(f"device {self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") \
                     from None
         for name in ("weight_decay", "grad_clip", "beta1", "beta2", "late_beta1", "late_beta2", "muon_momentum",
-                     "val_fraction", "dropout"):
+                     "val_fraction", "dropout", "embedding_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -179,10 +186,11 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        value = self.late_betas_from_pass
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"late_betas_from_pass must be a pass number (1 = the first; 0 = never), got {value!r}")
-        for name in ("beta1", "beta2", "late_beta1", "late_beta2", "muon_momentum", "dropout"):
+        for name in ("late_betas_from_pass", "embedding_dropout_from_pass"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a pass number (1 = the first; 0 = never), got {value!r}")
+        for name in ("beta1", "beta2", "late_beta1", "late_beta2", "muon_momentum", "dropout", "embedding_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.sample_tokens < 0:
@@ -193,6 +201,12 @@ class TrainConfig:
         if self.late_betas_from_pass and epoch + 1 >= self.late_betas_from_pass:
             return self.late_beta1, self.late_beta2
         return self.beta1, self.beta2
+
+    def dropout_rates(self, epoch: int) -> tuple[float, float]:
+        """(branch, embedding) dropout of a step in pass `epoch` (0-based): none in the first pass, where
+        there is nothing to memorise yet."""
+        embedding = self.embedding_dropout_from_pass and epoch + 1 >= self.embedding_dropout_from_pass
+        return (self.dropout if epoch >= 1 else 0.0), (self.embedding_dropout if embedding and epoch >= 1 else 0.0)
 
     def model_config(self) -> ModelConfig:
         overrides = dict(self.model)

@@ -95,10 +95,11 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.vocabulary = vocabulary
-        self.dropout = 0.0  # the trainer sets it before each step
+        self.dropout = self.embedding_dropout = 0.0  # the trainer sets them before each step
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(inputs, targets, vocabulary=self.vocabulary, dropout=self.dropout)
+        return self.model.loss(inputs, targets, vocabulary=self.vocabulary, dropout=self.dropout,
+                               embedding_dropout=self.embedding_dropout)
 
 
 # ----- metrics -------------------------------------------------------------------------------------
@@ -521,9 +522,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the gradient norm (before clipping)."""
         c = self.config
         for micro in range(c.grad_accum):
-            # dropout once the text comes round again: a first pass has nothing to memorise yet
             self.epoch = self.sampler.epoch
-            self.training_loss.dropout = c.dropout if self.epoch >= 1 else 0.0
+            self.training_loss.dropout, self.training_loss.embedding_dropout = c.dropout_rates(self.epoch)
             inputs, targets = self.sampler.next_batch()
             if self.byte_lengths is not None:
                 self.interval_bytes += self.byte_lengths[targets].sum()
@@ -696,7 +696,8 @@ class Trainer:
             "train_loss": train_loss_value, "val_loss": val_loss, "train_bpb": train_bpb, "val_bpb": val_bpb,
             "val_perplexity": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
             "lr": self.lr, "grad_norm": float(grad_norm),
-            "epoch": self.epoch, "dropout": self.training_loss.dropout, "betas": list(c.adamw_betas(self.epoch)),
+            "epoch": self.epoch, "dropout": self.training_loss.dropout,
+            "embedding_dropout": self.training_loss.embedding_dropout, "betas": list(c.adamw_betas(self.epoch)),
             "tokens_per_s": self.tokens_per_s,
             "mfu": mfu(self.tokens_per_s, self.flops_per_token, self.peak_flops, self.dist.world_size),
             "elapsed_s": self.elapsed(), "eta_s": self.eta(seconds_per_step),

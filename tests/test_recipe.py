@@ -193,12 +193,14 @@ def test_every_evaluation_keeps_greedy_and_sampled_continuations_with_their_step
 # ----- dropout -------------------------------------------------------------------------------------
 def test_dropout_and_the_late_betas_start_with_their_pass_and_act_in_training_only(tmp_path: Path) -> None:
     config = quick_config(tmp_path, stories_file(tmp_path, count=40), max_steps=30, dropout=0.2,
-                          beta1=0.8, beta2=0.999, late_beta1=0.85, late_beta2=0.9, late_betas_from_pass=2)
+                          embedding_dropout=0.3, embedding_dropout_from_pass=2, beta1=0.8, beta2=0.999,
+                          late_beta1=0.85, late_beta2=0.9, late_betas_from_pass=2)
     result = train(config)
     records = train_records(result.run_dir)
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 2  # it still learns
     assert {r["epoch"] for r in records} >= {0, 1}  # the test text comes round within the run
     assert all(r["dropout"] == (0.2 if r["epoch"] >= 1 else 0.0) for r in records)
+    assert all(r["embedding_dropout"] == (0.3 if r["epoch"] >= 1 else 0.0) for r in records)
     assert all(r["betas"] == ([0.85, 0.9] if r["epoch"] >= 1 else [0.8, 0.999]) for r in records)
     # the optimizer itself stepped with them: its saved state, after a last step in a later pass
     adamw_groups = json.loads((result.run_dir / "latest" / "training_state.json").read_text())["param_groups"][0]
@@ -214,9 +216,21 @@ def test_dropout_and_the_late_betas_start_with_their_pass_and_act_in_training_on
     dropped = model.loss(ids, targets, dropout=0.2)
     torch.manual_seed(0)
     assert model.loss(ids, targets, dropout=0.2) == dropped != model.loss(ids, targets)
+    torch.manual_seed(0)
+    dropped_input = model.loss(ids, targets, embedding_dropout=0.3)
+    torch.manual_seed(0)
+    assert model.loss(ids, targets, embedding_dropout=0.3) == dropped_input not in (dropped, model.loss(ids, targets))
     kept = branch_dropout(torch.ones(1000, 1000), 0.1)
     assert (kept == 0).float().mean().item() == pytest.approx(26 / 256, abs=2e-3)  # the rate, to 1/256
     assert kept.mean().item() == pytest.approx(1.0, abs=5e-3)  # the expectation is kept
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="dropout"):
             TrainConfig(dropout=bad)
+        with pytest.raises(ValueError, match="embedding_dropout"):
+            TrainConfig(embedding_dropout=bad)
+    # by default the embedded input is dropped only from the fourth pass on; 0 = never
+    rates = [TrainConfig(dropout=0.1, embedding_dropout=0.3).dropout_rates(epoch) for epoch in range(5)]
+    assert rates == [(0.0, 0.0), (0.1, 0.0), (0.1, 0.0), (0.1, 0.3), (0.1, 0.3)]
+    assert TrainConfig(embedding_dropout_from_pass=0).dropout_rates(9)[1] == 0.0
+    with pytest.raises(ValueError, match="embedding_dropout_from_pass"):
+        TrainConfig(embedding_dropout_from_pass=-1)
