@@ -203,10 +203,10 @@ class TrainConfig:
         return self.beta1, self.beta2
 
     def dropout_rates(self, epoch: int) -> tuple[float, float]:
-        """(branch, embedding) dropout of a step in pass `epoch` (0-based): none in the first pass, where
-        there is nothing to memorise yet."""
-        embedding = self.embedding_dropout_from_pass and epoch + 1 >= self.embedding_dropout_from_pass
-        return (self.dropout if epoch >= 1 else 0.0), (self.embedding_dropout if embedding and epoch >= 1 else 0.0)
+        """(branch, embedding) dropout of a step in pass `epoch` (0-based) over the training text."""
+        branch = self.dropout if epoch >= 1 else 0.0  # a first pass has nothing to memorise yet
+        late = self.embedding_dropout_from_pass > 0 and epoch + 1 >= self.embedding_dropout_from_pass
+        return branch, (self.embedding_dropout if late else 0.0)
 
     def model_config(self) -> ModelConfig:
         overrides = dict(self.model)

@@ -36,7 +36,7 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
 
 def test_resuming_a_run_recorded_before_a_field_existed_keeps_what_it_ran_with(tmp_path: Path) -> None:
     record = TrainConfig(data="x.txt", max_steps=7).to_dict()
-    # runs recorded before dropout, Muon's momentum knob and AdamW's betas for later passes
+    # runs recorded before dropout (of the branches, of the input), Muon's momentum knob and AdamW's late betas
     for name in ("dropout", "embedding_dropout", "muon_momentum", "late_betas_from_pass"):
         del record[name]
     (tmp_path / "run.json").write_text(json.dumps(record))
