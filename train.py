@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Values in [brackets] are the defaults.",
     )
     model = p.add_argument_group("model")
-    model.add_argument("--preset", help="model size: tiny (7.4M), small (56M) or gemma3-270m (132.5M) [tiny]")
+    model.add_argument("--preset", help="model size: tiny (11.8M), small (56M) or gemma3-270m (132.5M) [tiny]")
     model.add_argument("--context-length", type=int, help="tokens per training sequence [the preset's; 512 with "
                        "--init-from]")
     model.add_argument("--init-from", metavar="FOLDER_OR_REPO",

@@ -90,7 +90,7 @@ class TrainConfig:
     # share of the embedded input (each element, before the first block) dropped in training steps from
     # pass `embedding_dropout_from_pass` on (1-based): it regularises a text seen many times and costs
     # where the text is still new
-    embedding_dropout: float = 0.1
+    embedding_dropout: float = 0.2
     embedding_dropout_from_pass: int = 4
     # AdamW's betas (the embedding, the norms, an untied head; every matrix with "adamw"): the first pair
     # learns fastest (0.95 for beta2 lost 0.1 nats at 400k tokens of `tiny`); the late pair, from pass

@@ -232,6 +232,6 @@ def test_dropout_and_the_late_betas_start_with_their_pass_and_act_in_training_on
     rates = [TrainConfig(dropout=0.1, embedding_dropout=0.3).dropout_rates(epoch) for epoch in range(5)]
     assert rates == [(0.0, 0.0), (0.1, 0.0), (0.1, 0.0), (0.1, 0.3), (0.1, 0.3)]
     assert TrainConfig(embedding_dropout_from_pass=0).dropout_rates(9)[1] == 0.0
-    assert TrainConfig(embedding_dropout_from_pass=1).dropout_rates(0) == (0.0, 0.1)
+    assert TrainConfig(embedding_dropout_from_pass=1).dropout_rates(0) == (0.0, 0.2)
     with pytest.raises(ValueError, match="embedding_dropout_from_pass"):
         TrainConfig(embedding_dropout_from_pass=-1)

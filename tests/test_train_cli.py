@@ -61,7 +61,7 @@ def test_a_short_run_shows_progress_and_leaves_a_loadable_checkpoint_and_loss_pl
     assert "finished at step 6/6" in result.stdout and "val loss" in result.stdout and str(out) in result.stdout
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = load_model(out / "latest")
-    assert model.config.context_length == 32 and model.config.hidden_size == 128  # tiny
+    assert model.config.context_length == 32 and model.config.hidden_size == 192  # tiny
     metadata = json.loads((out / "latest" / "metadata.json").read_text())
     assert metadata["step"] == 6 and metadata["preset"] == "tiny" and metadata["tokens"] == 6 * 2 * 32
     assert len(generate(model, [7454, 2402, 257, 640], max_new_tokens=5, temperature=0)) == 5

@@ -54,7 +54,7 @@ def run_of(key: str) -> str | None:
 
 
 def checkpoint_label(key: str, info: CheckpointInfo) -> str:
-    """'tiny-1 · best (step 400, val 2.910, 1.21 bpb) · tiny · 7.4M params': the run once, best and latest told
+    """'tiny-1 · best (step 400, val 2.910, 1.21 bpb) · tiny · 11.8M params': the run once, best and latest told
     apart, with the numbers that say how good it is (bits per byte where the checkpoint records it)."""
     numbers = []
     if info.step is not None:
