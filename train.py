@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--embedding-dropout-from-pass", type=int, metavar="PASS",
                      help=f"the pass over the training text (1 = the first; 0 = never) from which the embedded "
                      f"input is dropped: it costs while the text is still new [{d.embedding_dropout_from_pass}]")
+    opt.add_argument("--unlikelihood", type=float, metavar="WEIGHT",
+                     help=f"weight of sequence-level unlikelihood: the model continues the starts of its windows "
+                     f"greedily and is trained away from the tokens that repeat an earlier 4-gram, so that its "
+                     f"greedy text loops less; 0 = off [{d.unlikelihood}]")
+    opt.add_argument("--unlikelihood-share", type=float, metavar="SHARE",
+                     help=f"the last share of the run (steps or time budget) that adds it [{d.unlikelihood_share}]")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",

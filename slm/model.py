@@ -365,6 +365,18 @@ class Gemma3LM(nn.Module):
             hidden.flatten(0, 1), self.head_weight, targets.flatten(), self.config.vocab_size, ignore_index
         )
 
+    def unlikelihood_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, unlikely: torch.Tensor,
+                          start: int = 0) -> torch.Tensor:
+        """Mean of -log(1 - p(target)) over the positions `unlikely` (bool, like `targets`) marks: the
+        sequence-level unlikelihood term (slm/unlikelihood.py); 0 when nothing is marked. Positions
+        before `start` are never marked, so their logits are not formed. Full-vocabulary softmax, fp32."""
+        positions = self._positions(input_ids, None)
+        hidden, _, _ = self._run_layers(input_ids, positions, self._training_attention(input_ids.device), None)
+        log_p = self.logits(hidden[:, start:]).float().log_softmax(-1)
+        p = log_p.gather(-1, targets[:, start:, None]).squeeze(-1).exp()
+        marked = unlikely[:, start:].to(p.dtype)
+        return (-torch.log1p(-p.clamp(max=1 - 1e-5)) * marked).sum() / marked.sum().clamp(min=1)
+
     @torch.no_grad()
     def trace(self, input_ids: torch.Tensor) -> Trace:
         """A full forward pass that keeps every layer's hidden state and attention probabilities."""

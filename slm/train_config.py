@@ -92,6 +92,10 @@ class TrainConfig:
     # where the text is still new
     embedding_dropout: float = 0.2
     embedding_dropout_from_pass: int = 4
+    # sequence-level unlikelihood (slm/unlikelihood.py): weight of the term that trains the model out of
+    # its own greedy loops, added in the last `unlikelihood_share` of the run (steps or time budget); 0 = off
+    unlikelihood: float = 0.0
+    unlikelihood_share: float = 0.1
     # AdamW's betas (the embedding, the norms, an untied head; every matrix with "adamw"): the first pair
     # learns fastest (0.95 for beta2 lost 0.1 nats at 400k tokens of `tiny`); the late pair, from pass
     # `late_betas_from_pass` over the training text on (1-based; 0: never), memorises less of a text seen
@@ -158,7 +162,7 @@ class TrainConfig:
                 raise ValueError(f"device {self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") \
                     from None
         for name in ("weight_decay", "grad_clip", "beta1", "beta2", "late_beta1", "late_beta2", "muon_momentum",
-                     "val_fraction", "dropout", "embedding_dropout"):
+                     "val_fraction", "dropout", "embedding_dropout", "unlikelihood", "unlikelihood_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -183,7 +187,9 @@ class TrainConfig:
             raise ValueError(f"min_lr must be at least 0 and below lr ({self.lr}), got {self.min_lr!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        for name in ("weight_decay", "grad_clip"):
+        if not 0 <= self.unlikelihood_share <= 1:
+            raise ValueError(f"unlikelihood_share must be in [0, 1], got {self.unlikelihood_share!r}")
+        for name in ("weight_decay", "grad_clip", "unlikelihood"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("late_betas_from_pass", "embedding_dropout_from_pass"):

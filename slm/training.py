@@ -71,6 +71,7 @@ from .sampling import generate
 from .snapshots import keep_snapshot
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
+from .unlikelihood import MAX_SEQUENCES, continuation_lengths, greedy_continuations, repeated_ngram_mask
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"  # the heartbeat: rewritten at most every HEARTBEAT_SECONDS
@@ -97,7 +98,11 @@ class LossModule(nn.Module):
         self.vocabulary = vocabulary
         self.dropout = self.embedding_dropout = 0.0  # the trainer sets them before each step
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, unlikely: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """The training loss; with an `unlikely` mask, the unlikelihood term over the marked targets instead."""
+        if unlikely is not None:
+            return self.model.unlikelihood_loss(inputs, targets, unlikely, start)
         return self.model.loss(inputs, targets, vocabulary=self.vocabulary, dropout=self.dropout,
                                embedding_dropout=self.embedding_dropout)
 
@@ -231,6 +236,7 @@ class Trainer:
         self.interval_loss = torch.zeros((), device=self.device)
         self.interval_steps = 0
         self.interval_bytes = torch.zeros((), dtype=torch.int64, device=self.device)  # UTF-8 bytes of its targets
+        self.interval_unlikelihood: list[torch.Tensor] = []  # the unlikelihood terms of the interval's steps
         self.last_val_bpb: float | None = None
         self.last_train_bpb: float | None = None
         self.lr = config.lr  # of the blocks' matrices at the last step (the embedding's is embedding_lr / lr times it)
@@ -521,13 +527,14 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns the gradient norm (before clipping)."""
         c = self.config
+        unlikelihood = self.unlikelihood_is_on()
         for micro in range(c.grad_accum):
             self.epoch = self.sampler.epoch
             self.training_loss.dropout, self.training_loss.embedding_dropout = c.dropout_rates(self.epoch)
             inputs, targets = self.sampler.next_batch()
             if self.byte_lengths is not None:
                 self.interval_bytes += self.byte_lengths[targets].sum()
-            last = micro == c.grad_accum - 1
+            last = micro == c.grad_accum - 1 and not unlikelihood
             no_sync = self.loss_module.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
             with no_sync:
                 with self.autocast():
@@ -535,6 +542,8 @@ class Trainer:
                 scaled = loss / c.grad_accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             self.interval_loss += loss.detach().float() / c.grad_accum
+        if unlikelihood:
+            self.unlikelihood_step(inputs)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.scaler is not None:
             for optimizer in self.optimizers:
@@ -556,20 +565,42 @@ class Trainer:
         self.interval_steps += 1
         return grad_norm
 
+    def unlikelihood_step(self, inputs: torch.Tensor) -> None:
+        """Continue the starts of this step's windows greedily and add the unlikelihood of their repeats
+        (slm/unlikelihood.py) to the gradients, weighted by `unlikelihood`; the step's last backward."""
+        prefix, new = continuation_lengths(inputs.shape[1])
+        sequences = greedy_continuations(self.model, inputs[:MAX_SEQUENCES, :prefix], new)  # the cache's dtype
+        unlikely = repeated_ngram_mask(sequences, prefix)[:, 1:]
+        with self.autocast():
+            term = self.loss_module(sequences[:, :-1], sequences[:, 1:], unlikely, prefix - 1)
+        scaled = term * self.config.unlikelihood
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.interval_unlikelihood.append(term.detach().float())
+
     # -- schedule and time budget --
+    def share_done(self) -> float:
+        """The share of the run done after the warmup (0..1) at the end of the step about to run: of its
+        steps or, with `max_time`, of its time budget (the step that will use up the budget is at 1)."""
+        c = self.config
+        if self.last_by_time:
+            return 1.0
+        progress = step_progress(self.step, c.warmup_steps, c.max_steps) if c.max_steps is not None else 0.0
+        if c.max_time is not None:
+            progress = max(progress, (self.elapsed() + self.step_seconds) / c.max_time)
+        return progress
+
     def schedule_factor(self) -> float:
         """The learning rate of the step about to run, as a fraction of the peak: warmup by steps, then
-        the decay by the share of the run done. With `max_time` that share is of the time budget, measured
-        at the step's expected end, and the step that will use up the budget runs at exactly min_lr."""
+        the decay by the share of the run done (`share_done`), so that the last step runs at exactly min_lr."""
         c = self.config
         if self.step < c.warmup_steps:
             return warmup_factor(self.step, c.warmup_steps)
-        progress = step_progress(self.step, c.warmup_steps, c.max_steps) if c.max_steps is not None else 0.0
-        if self.last_by_time:
-            progress = 1.0
-        elif c.max_time is not None:
-            progress = max(progress, (self.elapsed() + self.step_seconds) / c.max_time)
-        return lr_factor(progress, c.min_lr / c.lr, c.schedule, c.decay_fraction)
+        return lr_factor(self.share_done(), c.min_lr / c.lr, c.schedule, c.decay_fraction)
+
+    def unlikelihood_is_on(self) -> bool:
+        """The step about to run is in the last `unlikelihood_share` of the run (and the term is on)."""
+        c = self.config
+        return c.unlikelihood > 0 and self.step >= c.warmup_steps and self.share_done() >= 1 - c.unlikelihood_share
 
     def time_is_up(self) -> bool:
         """The time budget is spent (a resumed run in that state trains no further; a running one has just
@@ -687,6 +718,8 @@ class Trainer:
         self.last_train_bpb = train_bpb
         self.interval_loss.zero_()
         self.interval_bytes.zero_()
+        terms, self.interval_unlikelihood = self.interval_unlikelihood, []
+        unlikelihood = float(torch.stack(terms).mean()) if terms else None
         self.interval_steps = 0
         val_loss = self.evaluate() if evaluate else None
         val_bpb = self.bpb(val_loss, self.eval_tokens, self.eval_bytes) if val_loss is not None else None
@@ -698,6 +731,7 @@ class Trainer:
             "lr": self.lr, "grad_norm": float(grad_norm),
             "epoch": self.epoch, "dropout": self.training_loss.dropout,
             "embedding_dropout": self.training_loss.embedding_dropout, "betas": list(c.adamw_betas(self.epoch)),
+            "unlikelihood": unlikelihood,
             "tokens_per_s": self.tokens_per_s,
             "mfu": mfu(self.tokens_per_s, self.flops_per_token, self.peak_flops, self.dist.world_size),
             "elapsed_s": self.elapsed(), "eta_s": self.eta(seconds_per_step),
