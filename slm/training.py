@@ -51,6 +51,7 @@ from .checkpoint import (
 from .config import count_parameters
 from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
+from .engine import generate
 from .flops import device_peak_flops, mfu, training_flops_per_token
 from .loading import LoadedModel, load
 from .losses import TrainingVocabulary
@@ -67,11 +68,10 @@ from .optim import (
     warmup_factor,
 )
 from .paths import open_append_nofollow, write_text_nofollow
-from .sampling import generate
 from .snapshots import keep_snapshot
 from .tokenizer import load_tokenizer
 from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
-from .unlikelihood import MAX_SEQUENCES, continuation_lengths, greedy_continuations, repeated_ngram_mask
+from .unlikelihood import MAX_SEQUENCES, continuation_lengths, repeated_ngram_mask
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"  # the heartbeat: rewritten at most every HEARTBEAT_SECONDS
@@ -569,7 +569,11 @@ class Trainer:
         """Continue the starts of this step's windows greedily and add the unlikelihood of their repeats
         (slm/unlikelihood.py) to the gradients, weighted by `unlikelihood`; the step's last backward."""
         prefix, new = continuation_lengths(inputs.shape[1])
-        sequences = greedy_continuations(self.model, inputs[:MAX_SEQUENCES, :prefix], new)  # the cache's dtype
+        prefixes = inputs[:MAX_SEQUENCES, :prefix]
+        # eager decoding outside autocast (the cache keeps the weights' dtype); the weights change every
+        # step, so nothing is compiled for them
+        continued = generate(self.model, prefixes, new, temperature=0.0, compiled=False)
+        sequences = torch.cat((prefixes, continued), dim=1)
         unlikely = repeated_ngram_mask(sequences, prefix)[:, 1:]
         with self.autocast():
             term = self.loss_module(sequences[:, :-1], sequences[:, 1:], unlikely, prefix - 1)

@@ -4,8 +4,9 @@ A small model decoding greedily falls into loops ("I want to play with you. I wa
 you. ..."): once a phrase repeats, repeating it again is the likeliest continuation. Cross-entropy
 never sees those continuations, because they are not in the text. Sequence-level unlikelihood
 (Welleck et al., 2020, "Neural text generation with unlikelihood training") shows them to the model:
-continue a few prefixes of the training text greedily, find the tokens that complete an n-gram the
-sequence already holds, and add -log(1 - p(token)) at each of them to the loss. The model learns to
+continue a few prefixes of the training text greedily (the engine's `generate`, as the app decodes),
+find the tokens that complete an n-gram the sequence already holds, and add -log(1 - p(token)) at
+each of them to the loss. The model learns to
 give repeats less probability where its own greedy text would loop; the model, its export and its
 sampling stay the same plain Gemma 3. It costs held-out loss (bench/QUALITY.md), so it is off unless
 a run asks for it (`TrainConfig.unlikelihood`, `--unlikelihood`).
@@ -14,8 +15,6 @@ a run asks for it (`TrainConfig.unlikelihood`, `--unlikelihood`).
 from __future__ import annotations
 
 import torch
-
-from slm.model import Gemma3LM
 
 PREFIX_TOKENS = 32  # the training text that starts each continuation
 NEW_TOKENS = 48  # greedy tokens continued from it: loops of a short sentence show within this
@@ -27,21 +26,6 @@ def continuation_lengths(context_length: int) -> tuple[int, int]:
     """(prefix, new) token counts that fit a model's training context."""
     prefix = min(PREFIX_TOKENS, context_length // 3)
     return prefix, min(NEW_TOKENS, context_length - prefix)
-
-
-@torch.no_grad()
-def greedy_continuations(model: Gemma3LM, prefixes: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """(B, P + new_tokens): each prefix row followed by its greedy continuation (KV-cached)."""
-    batch, length = prefixes.shape
-    cache = model.new_cache(batch, length + new_tokens)
-    token = model(prefixes, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
-    out = [prefixes, token]
-    position = torch.tensor(length, device=prefixes.device)
-    for _ in range(new_tokens - 1):
-        token = model.decode_step(token, position, cache).argmax(-1, keepdim=True)
-        out.append(token)
-        position += 1
-    return torch.cat(out, dim=1)
 
 
 def repeated_ngram_mask(sequences: torch.Tensor, start: int, n: int = NGRAM) -> torch.Tensor:

@@ -10,12 +10,13 @@ import torch
 from training_helpers import TINY_MODEL, quick_config, stories_file
 
 from slm.config import preset
+from slm.engine import generate
 from slm.loading import load_model
 from slm.model import build_model
 from slm.tokenizer import load_tokenizer
 from slm.train_config import TrainConfig
 from slm.training import read_metrics, train
-from slm.unlikelihood import continuation_lengths, greedy_continuations, repeated_ngram_mask
+from slm.unlikelihood import continuation_lengths, repeated_ngram_mask
 
 
 def test_a_repeat_is_a_token_that_completes_an_earlier_ngram_of_its_row() -> None:
@@ -56,7 +57,7 @@ def greedy_repeat_share(run_dir: Path) -> float:
     for prompt in ("Once upon a time, there was", "One day, Tom saw a big", "They played together all day.",
                    "Lily liked to play in the"):
         ids = torch.tensor([tokenizer.encode(prompt)])
-        continued = greedy_continuations(model, ids, 40)
+        continued = torch.cat((ids, generate(model, ids, 40, temperature=0.0)), dim=1)
         shares.append(repeated_ngram_mask(continued, ids.shape[1])[:, ids.shape[1]:].float().mean().item())
     return sum(shares) / len(shares)
 
