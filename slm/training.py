@@ -236,12 +236,16 @@ class Trainer:
         self.interval_loss = torch.zeros((), device=self.device)
         self.interval_steps = 0
         self.interval_bytes = torch.zeros((), dtype=torch.int64, device=self.device)  # UTF-8 bytes of its targets
-        self.interval_unlikelihood: list[torch.Tensor] = []  # the unlikelihood terms of the interval's steps
+        self.interval_unlikelihood = torch.zeros((), device=self.device)  # the sum of the interval's terms
+        self.interval_unlikelihood_steps = 0
         self.last_val_bpb: float | None = None
         self.last_train_bpb: float | None = None
         self.lr = config.lr  # of the blocks' matrices at the last step (the embedding's is embedding_lr / lr times it)
         self.step_seconds = 0.0  # a running mean of a training step's seconds, for the time budget
         self.last_by_time = False  # the step now running is the last one the time budget allows
+        # the share of the time budget done at the end of the step now running, agreed by every rank: the
+        # learning rate and the unlikelihood term must not follow each rank's own clock
+        self.time_share = 0.0
         self.next_eval_s = math.inf  # when a time-boxed run without eval_every evaluates next
 
     # -- set-up --
@@ -413,6 +417,8 @@ class Trainer:
             "interval_loss": float(self.interval_loss.item()),
             "interval_steps": self.interval_steps,
             "interval_bytes": int(self.interval_bytes.item()),
+            "interval_unlikelihood": float(self.interval_unlikelihood.item()),
+            "interval_unlikelihood_steps": self.interval_unlikelihood_steps,
             "sampler_draws": sampler_state["draws"],
             "optimizer": self.config.optimizer,
             "param_groups": groups,
@@ -457,6 +463,8 @@ class Trainer:
         self.interval_loss = torch.tensor(scalars["interval_loss"], dtype=torch.float32, device=self.device)
         self.interval_steps = int(scalars["interval_steps"])
         self.interval_bytes.fill_(int(scalars.get("interval_bytes", 0)))
+        self.interval_unlikelihood.fill_(float(scalars.get("interval_unlikelihood", 0.0)))
+        self.interval_unlikelihood_steps = int(scalars.get("interval_unlikelihood_steps", 0))
         self.last_val_bpb = scalars.get("last_val_bpb")
 
     def metadata(self, val_loss: float | None) -> dict[str, Any]:
@@ -515,13 +523,16 @@ class Trainer:
         return self.agreed_flags(self.stop_requested_locally(), False)[0]
 
     def agreed_flags(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag true on any rank is true on all (stop requests, time-budget decisions), agreed over a
-        CPU (gloo) group: no GPU synchronisation per step."""
+        """Each flag true on any rank is true on all (stop requests, time-budget decisions)."""
+        return tuple(value > 0 for value in self.agreed_maxima(*flags))
+
+    def agreed_maxima(self, *values: float) -> tuple[float, ...]:
+        """Each value's maximum over the ranks, agreed over a CPU (gloo) group: no GPU synchronisation per step."""
         if not self.dist.enabled:
-            return flags
-        tensor = torch.tensor([1.0 if f else 0.0 for f in flags])
+            return tuple(float(v) for v in values)
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control_group)
-        return tuple(bool(v) for v in tensor.tolist())
+        return tuple(tensor.tolist())
 
     # -- one step, evaluation, sample --
     def train_step(self) -> torch.Tensor:
@@ -579,7 +590,8 @@ class Trainer:
             term = self.loss_module(sequences[:, :-1], sequences[:, 1:], unlikely, prefix - 1)
         scaled = term * self.config.unlikelihood
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        self.interval_unlikelihood.append(term.detach().float())
+        self.interval_unlikelihood += term.detach().float()
+        self.interval_unlikelihood_steps += 1
 
     # -- schedule and time budget --
     def share_done(self) -> float:
@@ -589,16 +601,21 @@ class Trainer:
         if self.last_by_time:
             return 1.0
         progress = step_progress(self.step, c.warmup_steps, c.max_steps) if c.max_steps is not None else 0.0
-        if c.max_time is not None:
-            progress = max(progress, (self.elapsed() + self.step_seconds) / c.max_time)
-        return progress
+        return max(progress, self.time_share)
+
+    def local_time_share(self) -> float:
+        """This rank's share of the time budget done at the end of a step started now (0 without one)."""
+        c = self.config
+        return (self.elapsed() + self.step_seconds) / c.max_time if c.max_time is not None else 0.0
 
     def schedule_factor(self) -> float:
         """The learning rate of the step about to run, as a fraction of the peak: warmup by steps, then
         the decay by the share of the run done (`share_done`), so that the last step runs at exactly min_lr."""
         c = self.config
         if self.step < c.warmup_steps:
-            return warmup_factor(self.step, c.warmup_steps)
+            factor = warmup_factor(self.step, c.warmup_steps)
+            # a time budget can end inside the warmup: its last step still ends at min_lr (or below)
+            return min(factor, c.min_lr / c.lr) if self.last_by_time else factor
         return lr_factor(self.share_done(), c.min_lr / c.lr, c.schedule, c.decay_fraction)
 
     def unlikelihood_is_on(self) -> bool:
@@ -722,8 +739,15 @@ class Trainer:
         self.last_train_bpb = train_bpb
         self.interval_loss.zero_()
         self.interval_bytes.zero_()
-        terms, self.interval_unlikelihood = self.interval_unlikelihood, []
-        unlikelihood = float(torch.stack(terms).mean()) if terms else None
+        unlikelihood = None
+        if self.interval_unlikelihood_steps:  # every rank ran the term on the same steps
+            term = self.interval_unlikelihood / self.interval_unlikelihood_steps
+            if self.dist.enabled:
+                dist.all_reduce(term)
+                term = term / self.dist.world_size
+            unlikelihood = float(term.item())
+        self.interval_unlikelihood.zero_()
+        self.interval_unlikelihood_steps = 0
         self.interval_steps = 0
         val_loss = self.evaluate() if evaluate else None
         val_bpb = self.bpb(val_loss, self.eval_tokens, self.eval_bytes) if val_loss is not None else None
@@ -800,8 +824,10 @@ class Trainer:
             while c.max_steps is None or self.step < c.max_steps:
                 if self.step == self.start_step and self.time_is_up():  # resumed with its budget spent
                     break
-                stop, self.last_by_time = self.agreed_flags(self.stop_requested_locally(), self.last_step_by_time())
-                if stop:
+                stop, last, self.time_share = self.agreed_maxima(
+                    self.stop_requested_locally(), self.last_step_by_time(), self.local_time_share())
+                self.last_by_time = last > 0
+                if stop > 0:
                     stopped = True
                     break
                 started = time.perf_counter()

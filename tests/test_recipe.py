@@ -108,6 +108,13 @@ def test_a_time_budget_stops_the_run_on_time_saves_it_and_ends_the_schedule_at_m
     assert load_model(result.run_dir / "latest") is not None
 
 
+def test_a_budget_that_ends_inside_the_warmup_still_ends_at_min_lr(tmp_path: Path) -> None:
+    config = time_config(tmp_path, 3.0, warmup_steps=10_000, min_lr=0.0)
+    records = train_records(train(config).run_dir)
+    assert 0 < records[0]["lr"] < records[-2]["lr"] < 0.1 * config.lr  # still warming up ...
+    assert records[-1]["lr"] == 0.0  # ... until the step that spends the budget
+
+
 def test_resuming_a_time_boxed_run_continues_the_same_budget(tmp_path: Path) -> None:
     stop = threading.Event()
 

@@ -159,6 +159,25 @@ def test_torchrun_with_two_processes_makes_the_update_of_one_process_on_the_comb
     assert not torch.allclose(initial["layers.0.mlp.up_proj.weight"], wa["layers.0.mlp.up_proj.weight"], atol=1e-5)
 
 
+def test_a_time_boxed_torchrun_run_agrees_on_its_schedule_across_ranks(tmp_path: Path) -> None:
+    """Under torchrun the ranks follow one agreed share of the time budget (each rank's own clock would let one
+    rank start the unlikelihood term's extra backward a step before the other): the run ends on its budget, the
+    term runs on every step of the last part, and the last step is at min_lr."""
+    flags = [*small_run_flags(tmp_path), "--max-time", "8s", "--unlikelihood", "1", "--unlikelihood-share", "0.5",
+             "--warmup-steps", "2", "--eval-every", "1000", "--log-every", "1", "--quiet",
+             "--out", str(tmp_path / "ddp")]
+    ddp = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *flags],
+                         capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("of a 0m08.0s budget") == 1
+    records = [r for r in map(json.loads, (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"]
+    with_term = [r["unlikelihood"] is not None for r in records]
+    first = with_term.index(True)
+    assert first > 0 and all(with_term[first:])  # the last part of the budget, on every step from there
+    assert records[-1]["lr"] == 0.0  # the decay ends at the end of the budget
+
+
 def test_max_time_trains_for_a_wall_clock_budget_and_says_so(tmp_path: Path) -> None:
     out = tmp_path / "timed"
     result = run_train(*small_run_flags(tmp_path), "--max-time", "4s", "--out", str(out), "--quiet")

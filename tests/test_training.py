@@ -169,13 +169,17 @@ class StopOneStepLater(threading.Event):
         return self.polls > 1
 
 
-@pytest.mark.parametrize(("optimizer", "dtype"), [("adamw", "fp32"), ("muon", "fp32"), ("muon", "auto")])
+@pytest.mark.parametrize(("optimizer", "dtype", "unlikelihood"),
+                         [("adamw", "fp32", 0.0), ("muon", "fp32", 0.0), ("muon", "auto", 0.0), ("muon", "fp32", 1.0)])
 def test_stop_and_resume_reproduce_an_uninterrupted_run_bit_for_bit(
-    tmp_path: Path, optimizer: str, dtype: str
+    tmp_path: Path, optimizer: str, dtype: str, unlikelihood: float
 ) -> None:
-    """"auto": bf16 autocast on a CPU with bf16 instructions (AVX512-BF16, AMX), else fp32."""
+    """"auto": bf16 autocast on a CPU with bf16 instructions (AVX512-BF16, AMX), else fp32. With the
+    unlikelihood term from step 2 on, the stop falls inside a record's interval of steps with the term."""
     steps = 10
     settings = dict(max_steps=steps, log_every=3, eval_every=4, optimizer=optimizer, dtype=dtype)
+    if unlikelihood:
+        settings.update(unlikelihood=unlikelihood, unlikelihood_share=0.9, warmup_steps=1)
     straight = train(quick_config(tmp_path, stories_file(tmp_path), out=str(tmp_path / "straight"), **settings))
     event = StopOneStepLater()
 
@@ -191,7 +195,7 @@ def test_stop_and_resume_reproduce_an_uninterrupted_run_bit_for_bit(
 
     a, b = train_records(straight.run_dir), train_records(resumed.run_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens"):
+    for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens", "unlikelihood"):
         assert [r[key] for r in a] == [r[key] for r in b], key
     wa = load_file(str(straight.run_dir / "latest" / "model.safetensors"))
     wb = load_file(str(resumed.run_dir / "latest" / "model.safetensors"))
