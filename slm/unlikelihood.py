@@ -6,10 +6,10 @@ never sees those continuations, because they are not in the text. Sequence-level
 (Welleck et al., 2020, "Neural text generation with unlikelihood training") shows them to the model:
 continue a few prefixes of the training text greedily (the engine's `generate`, as the app decodes),
 find the tokens that complete an n-gram the sequence already holds, and add -log(1 - p(token)) at
-each of them to the loss. The model learns to
-give repeats less probability where its own greedy text would loop; the model, its export and its
-sampling stay the same plain Gemma 3. It costs held-out loss (bench/QUALITY.md), so it is off unless
-a run asks for it (`TrainConfig.unlikelihood`, `--unlikelihood`).
+each of them to the loss. The model learns to give repeats less probability where its own greedy
+text would loop; the model, its export and its sampling stay the same plain Gemma 3. It costs
+held-out loss (bench/QUALITY.md), so it is off unless a run asks for it (`TrainConfig.unlikelihood`,
+`--unlikelihood`).
 """
 
 from __future__ import annotations
