@@ -90,8 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
     opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")
     opt.add_argument("--dropout", type=float,
-                     help=f"share of each block branch's output dropped in training, from the second pass over "
-                     f"the training text on (never in the first, never at inference) [{d.dropout}]")
+                     help=f"share of each block branch's output dropped in training, from --dropout-from-pass "
+                     f"on (never at inference) [{d.dropout}]")
+    opt.add_argument("--dropout-from-pass", type=int, metavar="PASS",
+                     help=f"the pass over the training text (1 = the first; 0 = never) from which the blocks' "
+                     f"branches are dropped [{d.dropout_from_pass}]")
     opt.add_argument("--embedding-dropout", type=float,
                      help=f"the same for each element of the embedded input tokens, from "
                      f"--embedding-dropout-from-pass on [{d.embedding_dropout}]")

@@ -21,6 +21,7 @@ RUN_CONFIG_FILE = "run.json"
 # with, so that resuming it continues the same run rather than taking today's default.
 VALUES_OF_OLDER_RECORDS: dict[str, Any] = {
     "dropout": 0.0, "embedding_dropout": 0.0, "muon_momentum": 0.95, "late_betas_from_pass": 0,
+    "dropout_from_pass": 2,
 }
 DEFAULT_MAX_STEPS = 2000
 CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
@@ -84,9 +85,10 @@ class TrainConfig:
     min_lr: float | None = None  # None: 0 with wsd, lr / 10 with cosine
     warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
     weight_decay: float = 0.1  # matrices only; norms are never decayed
-    # share of each block branch's output dropped in training steps from the second pass over the
-    # training text on (never in the first pass, never at inference)
+    # share of each block branch's output dropped in training steps from pass `dropout_from_pass` over the
+    # training text on (1-based; 0: never; never at inference)
     dropout: float = 0.1
+    dropout_from_pass: int = 2
     # share of the embedded input (each element, before the first block) dropped in training steps from
     # pass `embedding_dropout_from_pass` on (1-based): it regularises a text seen many times and costs
     # where the text is still new
@@ -192,7 +194,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "unlikelihood"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("late_betas_from_pass", "embedding_dropout_from_pass"):
+        for name in ("late_betas_from_pass", "dropout_from_pass", "embedding_dropout_from_pass"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a pass number (1 = the first; 0 = never), got {value!r}")
@@ -210,9 +212,11 @@ class TrainConfig:
 
     def dropout_rates(self, epoch: int) -> tuple[float, float]:
         """(branch, embedding) dropout of a step in pass `epoch` (0-based) over the training text."""
-        branch = self.dropout if epoch >= 1 else 0.0  # a first pass has nothing to memorise yet
-        late = self.embedding_dropout_from_pass > 0 and epoch + 1 >= self.embedding_dropout_from_pass
-        return branch, (self.embedding_dropout if late else 0.0)
+        def from_pass(first: int) -> bool:
+            return first > 0 and epoch + 1 >= first
+
+        return (self.dropout if from_pass(self.dropout_from_pass) else 0.0,
+                self.embedding_dropout if from_pass(self.embedding_dropout_from_pass) else 0.0)
 
     def model_config(self) -> ModelConfig:
         overrides = dict(self.model)

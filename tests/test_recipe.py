@@ -235,10 +235,13 @@ def test_dropout_and_the_late_betas_start_with_their_pass_and_act_in_training_on
             TrainConfig(dropout=bad)
         with pytest.raises(ValueError, match="embedding_dropout"):
             TrainConfig(embedding_dropout=bad)
-    # by default the embedded input is dropped only from the fourth pass on; 0 = never
-    rates = [TrainConfig(dropout=0.1, embedding_dropout=0.3).dropout_rates(epoch) for epoch in range(5)]
+    # each from its own pass on (1-based); 0 = never
+    late = TrainConfig(dropout=0.1, dropout_from_pass=2, embedding_dropout=0.3, embedding_dropout_from_pass=4)
+    rates = [late.dropout_rates(epoch) for epoch in range(5)]
     assert rates == [(0.0, 0.0), (0.1, 0.0), (0.1, 0.0), (0.1, 0.3), (0.1, 0.3)]
     assert TrainConfig(embedding_dropout_from_pass=0).dropout_rates(9)[1] == 0.0
-    assert TrainConfig(embedding_dropout_from_pass=1).dropout_rates(0) == (0.0, 0.2)
-    with pytest.raises(ValueError, match="embedding_dropout_from_pass"):
-        TrainConfig(embedding_dropout_from_pass=-1)
+    assert TrainConfig(dropout_from_pass=0).dropout_rates(9)[0] == 0.0
+    assert TrainConfig(dropout_from_pass=1, embedding_dropout_from_pass=1).dropout_rates(0) == (0.1, 0.2)
+    for name in ("dropout_from_pass", "embedding_dropout_from_pass"):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: -1})

@@ -37,10 +37,11 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
 def test_resuming_a_run_recorded_before_a_field_existed_keeps_what_it_ran_with(tmp_path: Path) -> None:
     record = TrainConfig(data="x.txt", max_steps=7).to_dict()
     # runs recorded before dropout (of the branches, of the input), Muon's momentum knob and AdamW's late betas
-    for name in ("dropout", "embedding_dropout", "muon_momentum", "late_betas_from_pass"):
+    for name in ("dropout", "dropout_from_pass", "embedding_dropout", "muon_momentum", "late_betas_from_pass"):
         del record[name]
     (tmp_path / "run.json").write_text(json.dumps(record))
     resumed = resume_config(tmp_path)
+    assert resumed.dropout_from_pass == 2  # dropout once had no pass of its own: the second
     assert (resumed.dropout, resumed.embedding_dropout, resumed.muon_momentum) == (0.0, 0.0, 0.95)
     assert resumed.adamw_betas(epoch=3) == resumed.adamw_betas(epoch=0) == (resumed.beta1, resumed.beta2)
     assert (TrainConfig().dropout, TrainConfig().embedding_dropout, TrainConfig().muon_momentum) \
