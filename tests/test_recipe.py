@@ -199,7 +199,7 @@ def test_every_evaluation_keeps_greedy_and_sampled_continuations_with_their_step
 
 # ----- dropout -------------------------------------------------------------------------------------
 def test_dropout_and_the_late_betas_start_with_their_pass_and_act_in_training_only(tmp_path: Path) -> None:
-    config = quick_config(tmp_path, stories_file(tmp_path, count=40), max_steps=30, dropout=0.2,
+    config = quick_config(tmp_path, stories_file(tmp_path, count=40), max_steps=30, dropout=0.2, dropout_from_pass=2,
                           embedding_dropout=0.3, embedding_dropout_from_pass=2, beta1=0.8, beta2=0.999,
                           late_beta1=0.85, late_beta2=0.9, late_betas_from_pass=2)
     result = train(config)
