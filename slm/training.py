@@ -718,14 +718,18 @@ class Trainer:
             left.append(seconds_per_step * (c.max_steps - self.step))
         return max(0.0, min(left))
 
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over the ranks (gloo has no AVG: sum, then divide)."""
+        if self.dist.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+            value = value / self.dist.world_size
+        return float(value.item())
+
     def log(self, grad_norm: torch.Tensor, evaluate: bool) -> None:
         """Write a metrics record for the steps since the last one (and evaluate when asked)."""
         c = self.config
-        train_loss = self.interval_loss / self.interval_steps
-        if self.dist.enabled:
-            dist.all_reduce(train_loss)  # gloo has no AVG: sum, then divide
-            train_loss = train_loss / self.dist.world_size
-        train_loss_value = float(train_loss.item())  # synchronises: the interval's work is done
+        train_loss_value = self.mean_over_ranks(self.interval_loss / self.interval_steps)  # synchronises
         seconds = max(time.perf_counter() - self.interval_start, 1e-9)
         self.tokens_per_s = self.interval_steps * self.tokens_per_step / seconds
         self.session_train_seconds += seconds
@@ -741,11 +745,7 @@ class Trainer:
         self.interval_bytes.zero_()
         unlikelihood = None
         if self.interval_unlikelihood_steps:  # every rank ran the term on the same steps
-            term = self.interval_unlikelihood / self.interval_unlikelihood_steps
-            if self.dist.enabled:
-                dist.all_reduce(term)
-                term = term / self.dist.world_size
-            unlikelihood = float(term.item())
+            unlikelihood = self.mean_over_ranks(self.interval_unlikelihood / self.interval_unlikelihood_steps)
         self.interval_unlikelihood.zero_()
         self.interval_unlikelihood_steps = 0
         self.interval_steps = 0
