@@ -68,8 +68,11 @@ def bench_forward(rounds: int) -> Table:
 
 
 def _train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None = None) -> Callable[[], None]:
+                x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None = None,
+                before_zero_grad: Callable[[], None] | None = None) -> Callable[[], None]:
     def step() -> None:
+        if before_zero_grad is not None:
+            before_zero_grad()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = loss_fn(x, y)
@@ -110,8 +113,9 @@ def _bench_train_cpu(rounds: int, compile_too: bool, autocast: torch.dtype | Non
                 torch.randperm(50257, generator=torch.Generator().manual_seed(0))[:TINYSTORIES_IDS].numpy(), 50257)
             vocabulary.share_unused_rows(model.head_weight.detach())
             x_text, y_text = (vocabulary.used[t % TINYSTORIES_IDS] for t in (x, y))  # the batch, in the text's ids
-            candidates["ours, text ids"] = _train_step(partial(model.loss, vocabulary=vocabulary), ours_opt,
-                                                       x_text, y_text, autocast)
+            candidates["ours, text ids"] = _train_step(  # keeping the embedding's gradient buffer, as training does
+                partial(model.loss, vocabulary=vocabulary), ours_opt, x_text, y_text, autocast,
+                before_zero_grad=partial(vocabulary.keep_gradient, model.head_weight))
         t = interleaved(candidates, rounds)
         tokens = batch * length
         table.add(name, f"{batch} x {length}", tokens / t["ours"], tokens / t["theirs"], t["theirs"] / t["ours"])

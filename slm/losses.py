@@ -148,23 +148,29 @@ COLUMN_ALIGNMENT = 64  # the shortcut's GEMM width is padded to a multiple of th
 
 
 class _GatherColumns(torch.autograd.Function):
-    """weight[columns], whose backward gives every unused row an equal share of the shared column's gradient."""
+    """weight[columns], whose backward gives every unused row an equal share of the shared column's gradient.
+
+    The columns are the `width - 1` used ids' rows, the shared row, then masked filler. `sources` names,
+    for each row of the weight, the row of the gradient it takes: its own column's (a used id), the
+    shared column's divided by `count` (an unused id) or zero (padding), so the full-size gradient is
+    written in one pass. An `owner` (eager runs) lends the buffer to write it into.
+    """
 
     @staticmethod
-    def forward(ctx, weight, columns, used, unused):  # type: ignore[override]
-        ctx.save_for_backward(used, unused)
-        ctx.weight_shape = weight.shape
-        return weight[columns]
+    def forward(ctx, weight, columns, sources, width, count, owner):  # type: ignore[override]
+        ctx.save_for_backward(sources)
+        ctx.weight_shape, ctx.width, ctx.count, ctx.owner = weight.shape, width, count, owner
+        return weight.index_select(0, columns)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        used, unused = ctx.saved_tensors
-        n_used = used.numel()
-        full = grad.new_zeros(ctx.weight_shape)
-        full.index_copy_(0, used, grad[:n_used])
-        # d loss / d row, for each unused row: its softmax share is 1/count of the shared column's
-        full.index_copy_(0, unused, (grad[n_used] / unused.numel()).expand(unused.numel(), -1))
-        return full, None, None, None
+        (sources,) = ctx.saved_tensors
+        rows = torch.cat([grad[: ctx.width], grad.new_zeros(1, grad.shape[1])])  # then the zero row
+        rows[ctx.width - 1] /= ctx.count  # each unused row's softmax share is 1/count of the shared column's
+        full = ctx.owner.gradient_buffer(ctx.weight_shape, grad) if ctx.owner is not None else None
+        if full is None:
+            full = grad.new_empty(ctx.weight_shape)
+        return torch.index_select(rows, 0, sources, out=full), None, None, None, None, None
 
 
 class TrainingVocabulary:
@@ -197,8 +203,11 @@ class TrainingVocabulary:
         self.columns = torch.cat([used, self.unused[:1], filler])
         self.bias = torch.zeros(padded, dtype=torch.float32)
         self.bias[used.numel()] = math.log(self.unused.numel())
-        self.column_of = torch.full((vocab_size,), -1, dtype=torch.int64)
+        self.column_of = torch.full((vocab_size,), -1, dtype=torch.int64)  # of a target: used ids only
         self.column_of[used] = torch.arange(used.numel())
+        self.input_column_of = self.column_of.masked_fill(self.column_of < 0, self.width - 1)  # unused: shared
+        self._sources: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._spare_gradient: torch.Tensor | None = None
 
     @classmethod
     def of_tokens(cls, tokens: np.ndarray, vocab_size: int) -> TrainingVocabulary | None:
@@ -213,7 +222,7 @@ class TrainingVocabulary:
         return cls(used, vocab_size) if 0 < used.numel() < vocab_size else None
 
     def to(self, device: torch.device | str) -> TrainingVocabulary:
-        for name in ("used", "unused", "columns", "bias", "column_of"):
+        for name in ("used", "unused", "columns", "bias", "column_of", "input_column_of"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -227,10 +236,38 @@ class TrainingVocabulary:
         rows = weight[self.unused.to(weight.device)]
         return bool((rows == rows[:1]).all())
 
-    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's rows as the loss's columns (used ids, the shared row, filler); the gradient that
+        reaches them comes back to every row of `weight`, each unused row with its share."""
+        key = (weight.shape[0], weight.device)
+        if key not in self._sources:  # the row of the columns' gradient each weight row takes (see _GatherColumns)
+            sources = torch.full((weight.shape[0],), self.width, dtype=torch.int64)  # padding: the zero row
+            sources[: self.vocab_size] = self.width - 1
+            sources[self.used.cpu()] = torch.arange(self.width - 1)
+            self._sources[key] = sources.to(weight.device)
+        owner = None if torch.compiler.is_compiling() else self
+        return _GatherColumns.apply(weight, self.columns, self._sources[key], self.width, self.unused.numel(), owner)
+
+    def input_columns(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The column of each input id in `gather`'s result (an unused id: the shared row, which its row equals)."""
+        return self.input_column_of[input_ids]
+
+    def keep_gradient(self, weight: torch.Tensor) -> None:
+        """Keep `weight`'s gradient, about to be dropped, as the buffer the next backward writes into: on a
+        CPU a fresh vocabulary-sized tensor costs more in page faults (~18 ms for GPT-2's at width 192)
+        than writing it. Autograd takes the buffer over as the new gradient where nothing else holds it."""
+        self._spare_gradient = weight.grad
+
+    def gradient_buffer(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
+        spare, self._spare_gradient = self._spare_gradient, None
+        if spare is None or spare.shape != shape or spare.dtype != like.dtype or spare.device != like.device:
+            return None
+        return spare
+
+    def loss(self, hidden: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor,
              ignore_index: int = -100) -> torch.Tensor:
-        """`linear_cross_entropy(hidden, weight, targets, vocab_size)`; targets must be used ids (or ignored)."""
-        columns = _GatherColumns.apply(weight, self.columns, self.used, self.unused)
+        """`linear_cross_entropy(hidden, weight, targets, vocab_size)` over `columns = gather(weight)`;
+        targets must be used ids (or ignored)."""
         ignored = targets == ignore_index
         targets = torch.where(ignored, targets, self.column_of[targets.masked_fill(ignored, 0)])
         return linear_cross_entropy(hidden, columns, targets, self.width, ignore_index, bias=self.bias)

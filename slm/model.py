@@ -258,10 +258,12 @@ class Gemma3LM(nn.Module):
         )
 
     # ----- pieces -------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings scaled by sqrt(hidden), the factor cast to the weight dtype first (25.25 in bf16)."""
+    def embed(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings scaled by sqrt(hidden), the factor cast to the weight dtype first (25.25 in bf16).
+        `table`: rows of the embedding to look `input_ids` up in instead (the training loss's columns)."""
         weight = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * self.embed_scale.to(weight.dtype)
+        rows = self.embed_tokens(input_ids) if table is None else F.embedding(input_ids, table)
+        return rows * self.embed_scale.to(weight.dtype)
 
     def rotary_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin for the given positions, per layer type (local and global bases differ)."""
@@ -280,10 +282,12 @@ class Gemma3LM(nn.Module):
     def _run_layers(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, cache: KVCache | None,
         return_trace: bool = False, dropout: float = 0.0, embedding_dropout: float = 0.0,
+        embedded: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The blocks over `input_ids` (or their embeddings, where the caller has looked them up)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
-        x = branch_dropout(self.embed(input_ids), embedding_dropout)
+        x = branch_dropout(self.embed(input_ids) if embedded is None else embedded, embedding_dropout)
         tables = self.rotary_tables(positions)
         hidden_states, attentions = [], []
         for i, layer in enumerate(self.layers):
@@ -355,12 +359,18 @@ class Gemma3LM(nn.Module):
         `embedding_dropout` the embedded input (training only: nothing else in the model drops anything).
         """
         positions = self._positions(input_ids, None)
+        columns = embedded = None
+        if vocabulary is not None:
+            columns = vocabulary.gather(self.head_weight)
+            if self.lm_head is None:  # tied: the inputs too are looked up in the columns, whose one
+                # gradient then reaches the vocabulary-sized weight once per step rather than twice
+                embedded = self.embed(vocabulary.input_columns(input_ids), columns)
         hidden, _, _ = self._run_layers(
             input_ids, positions, self._training_attention(input_ids.device), None, dropout=dropout,
-            embedding_dropout=embedding_dropout,
+            embedding_dropout=embedding_dropout, embedded=embedded,
         )
         if vocabulary is not None:
-            return vocabulary.loss(hidden.flatten(0, 1), self.head_weight, targets.flatten(), ignore_index)
+            return vocabulary.loss(hidden.flatten(0, 1), columns, targets.flatten(), ignore_index)
         return linear_cross_entropy(
             hidden.flatten(0, 1), self.head_weight, targets.flatten(), self.config.vocab_size, ignore_index
         )

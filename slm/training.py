@@ -570,6 +570,8 @@ class Trainer:
                 optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
+        if self.vocabulary is not None:
+            self.vocabulary.keep_gradient(self.model.head_weight)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -141,7 +141,7 @@ def test_the_vocabulary_shortcut_gives_the_full_vocabulary_loss_and_gradients():
     hidden, weight, targets, vocabulary = shared_vocabulary_data(50)
     assert vocabulary.rows_are_shared(weight) and vocabulary.width == 81
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = vocabulary.loss(h, w, targets)
+    loss = vocabulary.loss(h, vocabulary.gather(w), targets)
     loss.backward()
     ref_loss, ref_h, ref_w = reference(hidden, weight, targets)
     assert abs(loss.item() - ref_loss.item()) < 1e-5
@@ -149,7 +149,7 @@ def test_the_vocabulary_shortcut_gives_the_full_vocabulary_loss_and_gradients():
     assert torch.allclose(w.grad[:VOCAB], ref_w[:VOCAB], atol=1e-6)  # unused rows included, each its own share
     assert w.grad[VOCAB:].abs().max() == 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = vocabulary.loss(hidden, weight, targets)
+        bf16 = vocabulary.loss(hidden, vocabulary.gather(weight), targets)
     assert abs(bf16.item() - ref_loss.item()) < 2e-2
 
 
@@ -163,7 +163,10 @@ def test_the_vocabulary_shortcut_trains_the_same_model_and_unused_rows_stay_shar
         losses = []
         for step in range(10):
             h = hidden.roll(step, 0)
-            loss = vocabulary.loss(h, w, targets) if shortcut else linear_cross_entropy(h, w, targets, VOCAB)
+            if shortcut:
+                loss = vocabulary.loss(h, vocabulary.gather(w), targets)
+            else:
+                loss = linear_cross_entropy(h, w, targets, VOCAB)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -173,6 +176,44 @@ def test_the_vocabulary_shortcut_trains_the_same_model_and_unused_rows_stay_shar
     assert max(abs(a - b) for a, b in zip(short_losses, full_losses, strict=True)) < 1e-5
     assert torch.allclose(short_w, full_w, atol=1e-5)
     assert vocabulary.rows_are_shared(short_w) and not torch.equal(short_w[vocabulary.unused[0]], weight[100])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_models_loss_over_its_texts_ids_equals_the_full_loss_step_after_step(tied):
+    """Through the whole model (tied: the inputs are looked up in the same columns as the head), three
+    steps, each backward writing into the gradient the last step kept: the loss, every gradient (the
+    unused rows each with their share) and the weights equal the full-vocabulary model's. (SGD: AdamW
+    would turn the float noise of near-zero gradients into whole steps.)"""
+    from slm.model import build_model
+    from tests.conftest import small_config
+
+    text = torch.randint(0, 80, (2000,), generator=torch.Generator().manual_seed(3))
+    vocabulary = TrainingVocabulary.of_tokens(text.numpy(), VOCAB)
+    models = [build_model(small_config(tie_embeddings=tied), seed=0) for _ in range(2)]
+    for model in models:
+        vocabulary.share_unused_rows(model.head_weight.detach())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1) for m in models]
+    kept = None
+    for step in range(3):
+        windows = text[step * 200 : step * 200 + 4 * 33].view(4, 33)
+        losses = [models[0].loss(windows[:, :-1], windows[:, 1:], vocabulary=vocabulary),
+                  models[1].loss(windows[:, :-1], windows[:, 1:])]
+        for loss in losses:
+            loss.backward()
+        assert abs(losses[0].item() - losses[1].item()) < 1e-5
+        for (name, short), full in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+            assert torch.allclose(short.grad, full.grad, atol=5e-5), (step, name)
+        if kept is not None:  # the buffer the last step kept became this step's gradient (no fresh allocation)
+            assert models[0].head_weight.grad.data_ptr() == kept
+        for optimizer in optimizers:
+            optimizer.step()
+        kept = models[0].head_weight.grad.data_ptr()
+        vocabulary.keep_gradient(models[0].head_weight)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+    for short, full in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(short, full, atol=1e-5)
+    assert vocabulary.rows_are_shared(models[0].head_weight)
 
 
 def test_a_text_that_uses_every_id_takes_no_shortcut_and_foreign_ids_are_refused():
