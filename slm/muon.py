@@ -27,15 +27,17 @@ NS_STEPS = 5
 def orthogonalize(matrices: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately U Vᵀ for each matrix U S Vᵀ in `matrices` (..., rows, cols), computed in `dtype`."""
     a, b, c = NS_COEFFICIENTS
-    x = matrices.to(dtype)
+    shape = matrices.shape
+    x = matrices.to(dtype).reshape(-1, *shape[-2:])
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.mT
+        # x <- a x + (b gram + c gram^2) x, the sums fused into the products: fewer passes, fewer roundings
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.mT).reshape(shape)
 
 
 class Muon(torch.optim.Optimizer):
