@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"late betas: they memorise less of a text seen many times [{d.late_betas_from_pass}]")
     opt.add_argument("--muon-momentum", type=float, help=f"Muon's momentum [{d.muon_momentum}]")
     opt.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
+    opt.add_argument("--embedding-init", choices=["cooccurrence", "normal"],
+                     help=f"where a fresh model's token embedding starts: cooccurrence = word vectors counted "
+                     f"from the training text (PPMI + SVD), normal = random [{d.embedding_init}]")
     opt.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off [{d.grad_clip}]")
     opt.add_argument("--dropout", type=float,
                      help=f"share of each block branch's output dropped in training, from --dropout-from-pass "
@@ -189,6 +192,9 @@ def start_line(record: dict[str, Any]) -> str:
             f"{record['train_tokens']:,} training tokens")
     if record.get("trained_columns", 0) < record.get("vocabulary", 0):  # the loss runs over the text's ids
         what += f" (the text uses {record['trained_columns'] - 1:,} of the {record['vocabulary']:,} token ids)"
+    if record.get("embedding_from_text_s") is not None:
+        seconds = record["embedding_from_text_s"]
+        what += f"; the embedding starts from the text's co-occurrence vectors ({seconds:.1f} s)"
     resumed = f", resuming at step {record['step']:,}" if record.get("resumed") else ""
     return f"training on {where}: {what}{resumed}"
 

@@ -21,7 +21,7 @@ RUN_CONFIG_FILE = "run.json"
 # with, so that resuming it continues the same run rather than taking today's default.
 VALUES_OF_OLDER_RECORDS: dict[str, Any] = {
     "dropout": 0.0, "embedding_dropout": 0.0, "muon_momentum": 0.95, "late_betas_from_pass": 0,
-    "dropout_from_pass": 2,
+    "dropout_from_pass": 2, "embedding_init": "normal",
 }
 DEFAULT_MAX_STEPS = 2000
 CPU_BATCH_SIZE = 4  # sequences per step when no batch size is given: small batches learn most per CPU token
@@ -36,6 +36,7 @@ GPU_RECIPES: dict[str, dict[str, int]] = {
 }
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
+EMBEDDING_INITS = ("cooccurrence", "normal")
 INIT_FROM_CONTEXT = 512  # training windows of an imported model (Gemma 3's own context is 32k)
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_TRAIN_CONTEXT = 32_768  # Gemma 3 270M's own context; trained sequences longer than this are refused
@@ -85,6 +86,9 @@ class TrainConfig:
     min_lr: float | None = None  # None: 0 with wsd, lr / 10 with cosine
     warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
     weight_decay: float = 0.1  # matrices only; norms are never decayed
+    # where a fresh model's token embedding starts: "cooccurrence" (the training text's PPMI-SVD vectors for
+    # the ids it uses, slm/embedding_init.py: ~0.04 nats at 400k tokens of `tiny`) or "normal" (random)
+    embedding_init: str = "cooccurrence"
     # share of each block branch's output dropped in training steps from pass `dropout_from_pass` over the
     # training text on (1-based; 0: never; never at inference): from the fourth, like the embedded input's
     # dropout and the late betas (from the second it cost 0.025 nats at two passes and gained nothing at eight)
@@ -175,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.embedding_init not in EMBEDDING_INITS:
+            raise ValueError(f"embedding_init must be one of {EMBEDDING_INITS}, got {self.embedding_init!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.decay_fraction <= 1:

@@ -51,6 +51,7 @@ from .checkpoint import (
 from .config import count_parameters
 from .data import BatchSampler, eval_window_starts, gather_windows, prepare_data
 from .devices import Distributed, autocast_dtype, describe_device, distributed_from_env, resolve_device
+from .embedding_init import init_embedding_from_text
 from .engine import generate
 from .flops import device_peak_flops, mfu, training_flops_per_token
 from .loading import LoadedModel, load
@@ -228,6 +229,7 @@ class Trainer:
         self.session_train_seconds = 0.0  # time in training steps (evaluations excluded) in this session
         self.session_train_tokens = 0
         self.bar: Any = None
+        self.embedding_init_s: float | None = None  # seconds spent placing the embedding (a fresh run's)
         self.folder_ready = False
         self.best_val_loss: float | None = None
         self.best_pending = False  # the last evaluation improved on the best; best/ is saved after latest/
@@ -329,6 +331,11 @@ class Trainer:
             # a resumed run goes on with the model it saved, also where its preset has changed since
             self.model_config = read_config(self.run_dir / LATEST_DIR) if c.resume else c.model_config()
             self.model = build_model(self.model_config, device=self.device, seed=c.seed)
+            if not c.resume and c.embedding_init == "cooccurrence":
+                started = time.perf_counter()
+                init_embedding_from_text(self.model.embed_tokens.weight, data.train, self.model_config.init_std,
+                                         seed=c.seed)
+                self.embedding_init_s = time.perf_counter() - started
         vocabulary = None if imported is not None else TrainingVocabulary.of_tokens(
             data.train, self.model_config.vocab_size)
         if vocabulary is not None and not c.resume:
@@ -807,6 +814,7 @@ class Trainer:
             "val_tokens": self.data_meta["val_tokens"], "resumed": c.resume, "time": time.time(),
             "vocabulary": self.model_config.vocab_size,
             "trained_columns": self.vocabulary.width if self.vocabulary is not None else self.model_config.vocab_size,
+            "embedding_from_text_s": self.embedding_init_s,
         })
         if self.progress:
             from tqdm.auto import tqdm
