@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"[{d.schedule}]")
     opt.add_argument("--decay-fraction", type=float, help=f"wsd: share of the run spent decaying [{d.decay_fraction}]")
     opt.add_argument("--min-lr", type=float, help="learning rate at the last step [0 with wsd, lr / 10 with cosine]")
-    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps [5%% of the steps, 20 for a time budget]")
+    opt.add_argument("--warmup-steps", type=int,
+                     help="linear warmup steps [5%% of the steps; with --max-time alone, the first 5%% of the time]")
     opt.add_argument("--beta1", type=float, help=f"AdamW's first-moment decay [{d.beta1}]")
     opt.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay [{d.beta2}]")
     opt.add_argument("--late-beta1", type=float, help=f"AdamW's beta1 from --late-betas-from-pass on [{d.late_beta1}]")

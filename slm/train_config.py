@@ -37,6 +37,7 @@ GPU_RECIPES: dict[str, dict[str, int]] = {
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
 EMBEDDING_INITS = ("cooccurrence", "normal")
+WARMUP_SHARE = 0.05  # a run warms up over its first 5%: of its steps or, with a time budget alone, of its time
 INIT_FROM_CONTEXT = 512  # training windows of an imported model (Gemma 3's own context is 32k)
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_TRAIN_CONTEXT = 32_768  # Gemma 3 270M's own context; trained sequences longer than this are refused
@@ -84,7 +85,7 @@ class TrainConfig:
     schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
     decay_fraction: float = 0.5  # wsd: the share of the run (steps, or time budget) spent decaying
     min_lr: float | None = None  # None: 0 with wsd, lr / 10 with cosine
-    warmup_steps: int | None = None  # None: 5% of the steps, between 10 and 1000
+    warmup_steps: int | None = None  # None: 5% of the steps (between 10 and 1000), or of a time budget alone
     weight_decay: float = 0.1  # matrices only; norms are never decayed
     # where a fresh model's token embedding starts: "cooccurrence" (the training text's PPMI-SVD vectors for
     # the ids it uses, slm/embedding_init.py: ~0.04 nats at 400k tokens of `tiny`) or "normal" (random)
@@ -355,8 +356,8 @@ def resolve_config(config: TrainConfig, device: torch.device, world_size: int) -
         c.max_steps = math.ceil(c.max_tokens / tokens_per_step) if c.max_tokens else DEFAULT_MAX_STEPS
     if c.min_lr is None:
         c.min_lr = 0.0 if c.schedule == "wsd" else c.lr / 10
-    if c.warmup_steps is None:
-        c.warmup_steps = min(1000, max(10, c.max_steps // 20)) if c.max_steps is not None else 20
+    if c.warmup_steps is None and c.max_steps is not None:  # a time budget alone keeps None: warmup by time
+        c.warmup_steps = min(1000, max(10, c.max_steps // round(1 / WARMUP_SHARE)))
     if c.eval_every is None and c.max_steps is not None:
         c.eval_every = max(1, c.max_steps // 10)  # a time budget alone: after each tenth of the budget
     if c.save_every is None:

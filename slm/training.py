@@ -71,7 +71,7 @@ from .optim import (
 from .paths import open_append_nofollow, write_text_nofollow
 from .snapshots import keep_snapshot
 from .tokenizer import load_tokenizer
-from .train_config import RUN_CONFIG_FILE, TrainConfig, resolve_config
+from .train_config import RUN_CONFIG_FILE, WARMUP_SHARE, TrainConfig, resolve_config
 from .unlikelihood import MAX_SEQUENCES, continuation_lengths, repeated_ngram_mask
 
 METRICS_FILE = "metrics.jsonl"
@@ -617,12 +617,20 @@ class Trainer:
         c = self.config
         return (self.elapsed() + self.step_seconds) / c.max_time if c.max_time is not None else 0.0
 
-    def schedule_factor(self) -> float:
-        """The learning rate of the step about to run, as a fraction of the peak: warmup by steps, then
-        the decay by the share of the run done (`share_done`), so that the last step runs at exactly min_lr."""
+    def warming_up(self) -> bool:
+        """The step about to run is in the warmup: the first `warmup_steps` steps or, with a time budget
+        alone (`warmup_steps` None), the first WARMUP_SHARE of the budget."""
         c = self.config
-        if self.step < c.warmup_steps:
-            factor = warmup_factor(self.step, c.warmup_steps)
+        return self.step < c.warmup_steps if c.warmup_steps is not None else self.time_share < WARMUP_SHARE
+
+    def schedule_factor(self) -> float:
+        """The learning rate of the step about to run, as a fraction of the peak: the warmup (by steps, or
+        by time), then the decay by the share of the run done (`share_done`), so that the last step runs at
+        exactly min_lr."""
+        c = self.config
+        if self.warming_up():
+            factor = (warmup_factor(self.step, c.warmup_steps) if c.warmup_steps is not None
+                      else max(self.time_share, 1e-3) / WARMUP_SHARE)
             # a time budget can end inside the warmup: its last step still ends at min_lr (or below)
             return min(factor, c.min_lr / c.lr) if self.last_by_time else factor
         return lr_factor(self.share_done(), c.min_lr / c.lr, c.schedule, c.decay_fraction)
@@ -630,7 +638,7 @@ class Trainer:
     def unlikelihood_is_on(self) -> bool:
         """The step about to run is in the last `unlikelihood_share` of the run (and the term is on)."""
         c = self.config
-        return c.unlikelihood > 0 and self.step >= c.warmup_steps and self.share_done() >= 1 - c.unlikelihood_share
+        return c.unlikelihood > 0 and not self.warming_up() and self.share_done() >= 1 - c.unlikelihood_share
 
     def time_is_up(self) -> bool:
         """The time budget is spent (a resumed run in that state trains no further; a running one has just

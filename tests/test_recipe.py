@@ -115,6 +115,20 @@ def test_a_budget_that_ends_inside_the_warmup_still_ends_at_min_lr(tmp_path: Pat
     assert records[-1]["lr"] == 0.0  # ... until the step that spends the budget
 
 
+def test_a_time_budget_warms_up_over_its_first_twentieth_of_time(tmp_path: Path) -> None:
+    """With no step count to take 5% of, the warmup follows the clock, as the decay does."""
+    config = time_config(tmp_path, 8.0, warmup_steps=None, schedule="wsd")
+    result = train(config)
+    assert TrainConfig.load(result.run_dir / "run.json").warmup_steps is None  # resumes warming up by time too
+    records = train_records(result.run_dir)
+    warming = [r for r in records if r["lr"] < config.lr * (1 - 1e-6) and r["elapsed_s"] < 0.5 * 8.0]
+    assert warming and warming[0]["step"] == 1 and warming[0]["lr"] < 0.5 * config.lr
+    assert [r["lr"] for r in warming] == sorted(r["lr"] for r in warming)  # rising ...
+    assert all(r["elapsed_s"] <= 0.05 * 8.0 + 0.5 for r in warming)  # ... for the first 5% of the time
+    assert any(r["lr"] == pytest.approx(config.lr) for r in records)  # then at the peak until the decay
+    assert records[-1]["lr"] == pytest.approx(config.min_lr)
+
+
 def test_resuming_a_time_boxed_run_continues_the_same_budget(tmp_path: Path) -> None:
     stop = threading.Event()
 
