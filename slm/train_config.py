@@ -88,7 +88,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of the steps (between 10 and 1000), or of a time budget alone
     weight_decay: float = 0.1  # matrices only; norms are never decayed
     # where a fresh model's token embedding starts: "cooccurrence" (the training text's PPMI-SVD vectors for
-    # the ids it uses, slm/embedding_init.py: ~0.04 nats at 400k tokens of `tiny`) or "normal" (random)
+    # the ids it uses, slm/embedding_init.py: ~0.05 nats at 400k tokens of `tiny`) or "normal" (random)
     embedding_init: str = "cooccurrence"
     # share of each block branch's output dropped in training steps from pass `dropout_from_pass` over the
     # training text on (1-based; 0: never; never at inference): from the fourth, like the embedded input's
