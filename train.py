@@ -107,10 +107,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"input is dropped: it costs while the text is still new [{d.embedding_dropout_from_pass}]")
     opt.add_argument("--unlikelihood", type=float, metavar="WEIGHT",
                      help=f"weight of sequence-level unlikelihood: the model continues the starts of its windows "
-                     f"greedily and is trained away from the tokens that repeat an earlier 4-gram, so that its "
+                     f"greedily and is trained away from the tokens that repeat an earlier n-gram, so that its "
                      f"greedy text loops less; 0 = off [{d.unlikelihood}]")
     opt.add_argument("--unlikelihood-share", type=float, metavar="SHARE",
                      help=f"the last share of the run (steps or time budget) that adds it [{d.unlikelihood_share}]")
+    opt.add_argument("--unlikelihood-ngram", type=int, metavar="N",
+                     help=f"the length of a repeat that counts: 8 marks loops, 4 also the short repeats stories "
+                     f"use on purpose [{d.unlikelihood_ngram}]")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder [checkpoints/<preset>-<date>-<time>]")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",

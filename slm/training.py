@@ -594,7 +594,7 @@ class Trainer:
         # step, so nothing is compiled for them
         continued = generate(self.model, prefixes, new, temperature=0.0, compiled=False)
         sequences = torch.cat((prefixes, continued), dim=1)
-        unlikely = repeated_ngram_mask(sequences, prefix)[:, 1:]
+        unlikely = repeated_ngram_mask(sequences, prefix, self.config.unlikelihood_ngram)[:, 1:]
         with self.autocast():
             term = self.loss_module(sequences[:, :-1], sequences[:, 1:], unlikely, prefix - 1)
         scaled = term * self.config.unlikelihood

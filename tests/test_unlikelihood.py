@@ -14,7 +14,7 @@ from slm.engine import generate
 from slm.loading import load_model
 from slm.model import build_model
 from slm.tokenizer import load_tokenizer
-from slm.train_config import TrainConfig
+from slm.train_config import TrainConfig, resume_config
 from slm.training import read_metrics, train
 from slm.unlikelihood import continuation_lengths, repeated_ngram_mask
 
@@ -22,11 +22,14 @@ from slm.unlikelihood import continuation_lengths, repeated_ngram_mask
 def test_a_repeat_is_a_token_that_completes_an_earlier_ngram_of_its_row() -> None:
     rows = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 1, 5, 6, 7, 8],
                          [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
-    mask = repeated_ngram_mask(rows, start=0)
+    mask = repeated_ngram_mask(rows, start=0, n=4)
     assert mask[0].nonzero().flatten().tolist() == [8, 13]  # "5 6 7 8" again, twice
     assert not mask[1].any()  # no 4-gram repeats; the rows are independent
-    assert repeated_ngram_mask(rows, start=9)[0].nonzero().flatten().tolist() == [13]  # the prefix is never marked
+    assert repeated_ngram_mask(rows, start=9, n=4)[0].nonzero().flatten().tolist() == [13]  # the prefix is never marked
     assert repeated_ngram_mask(rows, start=0, n=2)[0].nonzero().flatten().tolist() == [6, 7, 8, 11, 12, 13]
+    assert not repeated_ngram_mask(rows, start=0, n=8).any()  # a repeated phrase of four is not a loop of eight
+    loop = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4]])  # "1 2 3 4 5" over and over
+    assert repeated_ngram_mask(loop, start=0, n=8)[0].nonzero().flatten().tolist() == [12, 13]
     assert continuation_lengths(256) == (32, 48) and continuation_lengths(32) == (10, 22)
 
 
@@ -58,7 +61,7 @@ def greedy_repeat_share(run_dir: Path) -> float:
                    "Lily liked to play in the"):
         ids = torch.tensor([tokenizer.encode(prompt)])
         continued = torch.cat((ids, generate(model, ids, 40, temperature=0.0)), dim=1)
-        shares.append(repeated_ngram_mask(continued, ids.shape[1])[:, ids.shape[1]:].float().mean().item())
+        shares.append(repeated_ngram_mask(continued, ids.shape[1], n=4)[:, ids.shape[1]:].float().mean().item())
     return sum(shares) / len(shares)
 
 
@@ -81,6 +84,19 @@ def test_a_run_with_unlikelihood_adds_it_late_and_its_greedy_text_repeats_less(t
     assert saved["unlikelihood"] == 1.0 and saved["unlikelihood_share"] == 0.5
 
 
+def test_the_term_is_on_by_default_and_runs_recorded_before_keep_what_they_ran_with(tmp_path: Path) -> None:
+    assert (TrainConfig().unlikelihood, TrainConfig().unlikelihood_ngram) == (0.3, 8)
+    record = TrainConfig(data="x.txt", max_steps=7).to_dict()
+    for name in ("unlikelihood", "unlikelihood_share", "unlikelihood_ngram"):  # recorded before the term existed
+        del record[name]
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert resume_config(tmp_path).unlikelihood == 0.0
+    record.update(unlikelihood=0.3, unlikelihood_share=0.1)  # recorded with the term, when it marked 4-grams
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    resumed = resume_config(tmp_path)
+    assert (resumed.unlikelihood, resumed.unlikelihood_ngram) == (0.3, 4)
+
+
 def test_unlikelihood_trains_in_mixed_precision_too(tmp_path: Path) -> None:
     config = quick_config(tmp_path, stories_file(tmp_path, count=10), max_steps=4, unlikelihood=1.0,
                           unlikelihood_share=1.0, dtype="bf16", sample_tokens=0)
@@ -89,6 +105,7 @@ def test_unlikelihood_trains_in_mixed_precision_too(tmp_path: Path) -> None:
 
 
 def test_bad_unlikelihood_settings_are_refused() -> None:
-    for field, bad in (("unlikelihood", -1.0), ("unlikelihood", float("nan")), ("unlikelihood_share", 1.5)):
+    for field, bad in (("unlikelihood", -1.0), ("unlikelihood", float("nan")), ("unlikelihood_share", 1.5),
+                       ("unlikelihood_ngram", 1), ("unlikelihood_ngram", 4.5), ("unlikelihood_ngram", True)):
         with pytest.raises(ValueError, match=field):
             TrainConfig(**{field: bad})
