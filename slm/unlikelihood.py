@@ -11,9 +11,10 @@ text would loop; the model, its export and its sampling stay the same plain Gemm
 
 Which repeats count decides the price. Stories repeat short phrases on purpose ("play with her toys",
 "said, \"") and marking every repeated 4-gram taught the model to avoid them too, at 0.035 nats of
-held-out loss; a repeated 8-gram is almost always a loop, and marking only those costs nothing measurable
-(bench/QUALITY.md). So the term is on by default, with 8-grams (`TrainConfig.unlikelihood`,
-`unlikelihood_ngram`; `--unlikelihood 0` turns it off).
+held-out loss. A repeated 8-gram is almost always a loop, and marking only those cuts the loops for a
+smaller price: nothing measurable after three passes over the text, 0.03 nats in runs short enough to loop a lot
+(bench/QUALITY.md). Loops are what users see, so the term is on by default, with 8-grams
+(`TrainConfig.unlikelihood`, `unlikelihood_ngram`; `--unlikelihood 0` turns it off).
 """
 
 from __future__ import annotations
