@@ -104,7 +104,7 @@ class TrainConfig:
     # its own greedy loops, added in the last `unlikelihood_share` of the run (steps or time budget); 0 = off.
     # A repeat is a token that completes an `unlikelihood_ngram`-gram its continuation already holds: 8 marks
     # loops and spares the short repeats stories are made of (4 cost 0.035 nats at weight 0.3; 8 costs 0.03 at
-    # 400k-1M tokens of `tiny` and nothing measurable at 1.65M, and cuts greedy loops 5 -> 1 of 32)
+    # 400k, 1M and 4.4M tokens of `tiny`, nothing measurable at 1.65M, and cuts greedy loops 5 -> 1 of 32)
     unlikelihood: float = 0.3
     unlikelihood_share: float = 0.1
     unlikelihood_ngram: int = 8

@@ -12,7 +12,7 @@ text would loop; the model, its export and its sampling stay the same plain Gemm
 Which repeats count decides the price. Stories repeat short phrases on purpose ("play with her toys",
 "said, \"") and marking every repeated 4-gram taught the model to avoid them too, at 0.035 nats of
 held-out loss. A repeated 8-gram is almost always a loop, and marking only those cuts the loops for a
-smaller price: nothing measurable after three passes over the text, 0.03 nats in runs short enough to loop a lot
+smaller price: 0.03 nats at most of the judge's budgets, nothing measurable at five minutes' tokens
 (bench/QUALITY.md). Loops are what users see, so the term is on by default, with 8-grams
 (`TrainConfig.unlikelihood`, `unlikelihood_ngram`; `--unlikelihood 0` turns it off).
 """
